@@ -1,0 +1,101 @@
+"""The `pipeline` command: one Typer command per DVC stage, plus `validate`.
+
+Commands only parse parameters, call a stage's `run` and map failures to exit codes:
+2 for invalid parameters (nothing is written), 1 for other user-facing errors. Neither prints
+a traceback; `--debug` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+from pipeline.io import PipelineError
+from pipeline.params import Params, ParamsError, load_params
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Steering SAE latents to control dynamic head pruning in ViTs: the DVC stages.",
+)
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file (params.yaml layout).")
+DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("PIPELINE_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable
+
+
+def _run_stage(module: str, params_path: Path, debug: bool) -> None:
+    _setup_logging()
+    params = _load(params_path)
+    stage = importlib.import_module(f"pipeline.stages.{module}")
+    try:
+        stage.run(params)
+    except (PipelineError, ParamsError) as exc:
+        if debug:
+            raise
+        _fail(str(exc), 2 if isinstance(exc, ParamsError) else 1)
+
+
+@app.command()
+def validate(params: Path = ParamsOption) -> None:
+    """Check a parameter file without running anything."""
+    _load(params)
+    typer.echo(f"{params}: valid")
+
+
+@app.command()
+def download(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Write the canonical data set data/dataset/{train,test}.parquet from `data.source`."""
+    _run_stage("download", params, debug)
+
+
+@app.command()
+def finetune(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Train the head-gated ViT; writes models/vit/ and metrics/finetune.json."""
+    _run_stage("finetune", params, debug)
+
+
+@app.command()
+def extract(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Store the final block's CLS input and gate decisions of every image in Parquet."""
+    _run_stage("extract", params, debug)
+
+
+@app.command("train-sae")
+def train_sae(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Train the TopK SAE on the extracted embeddings; writes models/sae/."""
+    _run_stage("train_sae", params, debug)
+
+
+@app.command("latent-stats")
+def latent_stats(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Per-class and global firing statistics of the SAE latents, top sets and overlaps."""
+    _run_stage("latent_stats", params, debug)
+
+
+@app.command()
+def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Amplify latent sets, measure accuracy and head usage; writes the report."""
+    _run_stage("steer", params, debug)

@@ -1,0 +1,337 @@
+"""Typed parameters: one pydantic model per `params.yaml` section.
+
+Every field's docstring is its documentation (shown by `pipeline params-doc` and in the
+README). Parameters are validated once, at the edge (`load_params`); inner code receives these
+typed objects, never dicts. A bad value raises `ParamsError`, whose message names the key path,
+the bad value and what is allowed; the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used: the message is meant for the user, verbatim."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------------------- data
+class SyntheticParams(Section):
+    """The offline demo data set: classes are combinations of shape, colour and texture."""
+
+    num_classes: Annotated[int, Field(ge=2, le=48)] = 10
+    """Number of classes (distinct shape x colour x texture combinations, at most 4*4*3 = 48)."""
+    train_per_class: Annotated[int, Field(ge=1)] = 400
+    """Training images per class."""
+    test_per_class: Annotated[int, Field(ge=1)] = 100
+    """Test images per class."""
+    image_size: Annotated[int, Field(ge=16, le=256)] = 32
+    """Side of the square RGB images, in pixels."""
+    noise: Annotated[float, Field(ge=0.0, le=1.0)] = 0.08
+    """Standard deviation of the per-pixel Gaussian noise (images in [0, 1])."""
+
+
+class DataParams(Section):
+    """`download`: where the images come from; writes data/dataset/{train,test}.parquet."""
+
+    source: Literal["synthetic", "imagefolder", "cifar100"] = "synthetic"
+    """`synthetic` (offline default), `imagefolder` (a SPLIT/CLASS/*.png tree at `path`) or
+    `cifar100` (torchvision's download, checksum-verified, cached under `path`)."""
+    path: Path | None = None
+    """`imagefolder`: the root holding `train/` and `test/`. `cifar100`: the download cache
+    directory (default `data/raw`)."""
+    max_per_class: Annotated[int, Field(ge=1)] | None = None
+    """Keep at most this many images per class and split (the first ones in source order);
+    null keeps all."""
+    seed: int = 0
+    """Seed of the synthetic generator."""
+    synthetic: SyntheticParams = SyntheticParams()
+    """Shape of the synthetic data set (used only when `source` is `synthetic`)."""
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataParams:
+        if self.source == "imagefolder" and self.path is None:
+            raise ValueError("source 'imagefolder' needs `path` (a folder with train/ and test/)")
+        return self
+
+
+# -------------------------------------------------------------------------------------- model
+class ModelParams(Section):
+    """The head-gated ViT: any timm ViT plus AdaViT-style per-head gates."""
+
+    name: str = "vit_small_patch16_224"
+    """timm model name (a VisionTransformer with a class token), e.g. `vit_small_patch16_224`,
+    `deit_small_patch16_224`. The shape fields below override its defaults."""
+    pretrained: bool = False
+    """Load timm's pretrained weights (a hub download; offline this fails with a clear message)."""
+    checkpoint: Path | None = None
+    """A local timm state dict (.safetensors, or .pth/.bin loaded with weights_only) to start
+    from, for air-gapped machines. Exclusive with `pretrained`."""
+    img_size: Annotated[int, Field(ge=8)] | None = None
+    """Input side in pixels (images are resized to it); null keeps the timm default."""
+    patch_size: Annotated[int, Field(ge=1)] | None = None
+    """Patch side in pixels; null keeps the timm default."""
+    embed_dim: Annotated[int, Field(ge=8)] | None = None
+    """Width of the residual stream; null keeps the timm default."""
+    depth: Annotated[int, Field(ge=2)] | None = None
+    """Number of blocks; null keeps the timm default."""
+    num_heads: Annotated[int, Field(ge=1)] | None = None
+    """Attention heads per block; null keeps the timm default."""
+    keep_layers: Annotated[int, Field(ge=0)] = 1
+    """Blocks before this index are never gated (AdaViT: 1, every block but the first)."""
+    gate_bias_init: float = 2.0
+    """Initial bias of every decision network (ours: sigmoid(2) = 0.88, so training starts with
+    most heads kept and a pretrained model's function is preserved)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelParams:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("`pretrained` and `checkpoint` are exclusive: choose one")
+        if self.img_size is not None and self.patch_size is not None:
+            if self.img_size % self.patch_size:
+                raise ValueError(
+                    f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
+                )
+        if self.embed_dim is not None and self.num_heads is not None:
+            if self.embed_dim % self.num_heads:
+                raise ValueError(
+                    f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+                )
+        if self.depth is not None and self.keep_layers >= self.depth:
+            raise ValueError(f"keep_layers {self.keep_layers} must be < depth {self.depth}")
+        return self
+
+
+# ----------------------------------------------------------------------------------- finetune
+class AugmentParams(Section):
+    """Training augmentation, applied at the data set's native resolution before resizing."""
+
+    crop_padding: Annotated[int, Field(ge=0)] = 4
+    """Random crop after zero-padding every side by this many pixels (0 disables)."""
+    hflip: bool = True
+    """Random horizontal flip with probability 0.5."""
+
+
+class FinetuneParams(Section):
+    """`finetune`: trains the gated ViT with cross-entropy plus the head-usage loss."""
+
+    epochs: Annotated[int, Field(ge=1)] = 10
+    """Passes over the training set."""
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    """Global batch size (split evenly across torchrun processes)."""
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    """Peak AdamW learning rate (reached after warmup, then cosine decay to `min_lr`)."""
+    min_lr: Annotated[float, Field(ge=0)] = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    """Linear warmup length, in epochs (fractions allowed)."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    """AdamW weight decay (not applied to biases, norms, embeddings or tokens)."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """Cross-entropy label smoothing."""
+    augment: AugmentParams = AugmentParams()
+    """Training augmentation."""
+    tau: Annotated[float, Field(gt=0)] = 5.0
+    """Gumbel-sigmoid temperature of the training gates (AdaViT: 5)."""
+    head_target: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Target mean head usage of the usage loss (AdaViT: 0.5)."""
+    head_weight: Annotated[float, Field(ge=0)] = 2.0
+    """Weight of the usage loss |mean(gates) - head_target| (AdaViT: 2.0)."""
+    seed: int = 0
+    """Seed of initialisation, shuffling, augmentation and Gumbel noise."""
+    device: Device = "auto"
+    """`auto` picks CUDA when present."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` autocasts the forward on CUDA; the CPU always runs fp32."""
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    """Threads that decode the data set's PNGs before training (0: main thread only)."""
+    nproc: Annotated[int, Field(ge=1)] = 1
+    """Processes per node; above 1 the stage runs under torchrun with DistributedDataParallel
+    (gloo on CPU, nccl on GPU)."""
+    resume: bool = False
+    """Continue from the last epoch checkpoint in models/vit_ckpt/ if one exists."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneParams:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} must be <= lr {self.lr}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be <= epochs {self.epochs}")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")
+        return self
+
+
+# ------------------------------------------------------------------------------------ extract
+class ExtractParams(Section):
+    """`extract`: CLS residual inputs and gate decisions of every image, into Parquet."""
+
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Images per forward pass (and per Parquet row group)."""
+    layers: list[Annotated[int, Field(ge=0)]] = []
+    """Extra blocks whose CLS input is stored too (column `x_block<i>`); the final block's
+    input is always stored as `x`."""
+    device: Device = "auto"
+    """`auto` picks CUDA when present."""
+
+
+# ---------------------------------------------------------------------------------------- sae
+class SaeParams(Section):
+    """`train_sae`: the TopK sparse autoencoder on the final block's CLS input."""
+
+    expansion: Annotated[int, Field(ge=1)] = 8
+    """Number of latents as a multiple of the embedding width D (paper: 8 x 384 = 3072)."""
+    n_latents: Annotated[int, Field(ge=1)] | None = None
+    """Explicit number of latents; overrides `expansion` when set."""
+    k: Annotated[int, Field(ge=1)] = 32
+    """Active latents per sample (ours; OpenAI uses 32, SAELens 100)."""
+    epochs: Annotated[int, Field(ge=1)] = 100
+    """Passes over the training embeddings (paper: 100)."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Samples per optimisation step."""
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    """Adam learning rate after warmup (constant afterwards)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    """Linear learning-rate warmup, in steps."""
+    aux_coef: Annotated[float, Field(ge=0)] = 1 / 32
+    """AuxK loss coefficient (OpenAI: 1/32; 0 disables)."""
+    k_aux: Annotated[int, Field(ge=1)] | None = None
+    """Dead latents used by the AuxK loss; null means D / 2."""
+    dead_window: Annotated[int, Field(ge=1)] | None = None
+    """A latent is dead after this many samples without firing; null means one epoch."""
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    """Initial decoder bias, computed on a sample of the training embeddings."""
+    normalize_input: bool = True
+    """Scale inputs by one constant so that their mean squared norm is D (ours; the constant is
+    stored with the SAE and folded back, so encode/decode work on raw embeddings)."""
+    seed: int = 0
+    """Seed of initialisation and shuffling."""
+    device: Device = "auto"
+    """`auto` picks CUDA when present."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SaeParams:
+        # With `expansion` the width depends on D, checked when the embeddings are read.
+        if self.n_latents is not None and self.k > self.n_latents:
+            raise ValueError(f"k {self.k} must be <= n_latents {self.n_latents}")
+        if self.n_latents is not None and self.k_aux is not None and self.k_aux > self.n_latents:
+            raise ValueError(f"k_aux {self.k_aux} must be <= n_latents {self.n_latents}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- stats
+class StatsParams(Section):
+    """`latent_stats`: which latents fire for which class."""
+
+    top_k: Annotated[int, Field(ge=1)] = 16
+    """Size of the most-frequent latent sets (one global, one per class)."""
+    related: Annotated[int, Field(ge=1)] = 3
+    """For each class, how many most-overlapping classes to list."""
+    batch_size: Annotated[int, Field(ge=1)] = 4096
+    """Embeddings encoded per step."""
+
+
+# -------------------------------------------------------------------------------------- steer
+Strategy = Literal["per_class", "global", "random"]
+
+
+class SteerParams(Section):
+    """`steer`: amplify latent sets and measure accuracy and final-block head usage."""
+
+    strategies: list[Strategy] = ["per_class", "global", "random"]
+    """Which latent sets to steer: the true class's set (oracle), the global set, or random
+    sets of the same size."""
+    alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
+    """Steering strengths; 0 is the unsteered baseline and is always evaluated."""
+    mode: Literal["scale", "add"] = "scale"
+    """`scale`: z_j -> (1 + alpha) z_j; `add`: z_j -> z_j + alpha * (mean active value of j)."""
+    keep_error: bool = True
+    """True: x' = x + W_dec (z' - z) keeps the SAE's reconstruction error; false: x' = dec(z')."""
+    random_draws: Annotated[int, Field(ge=1)] = 3
+    """Seeded random latent sets for the `random` strategy."""
+    accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Headline rule: per class, the alpha with the lowest head usage whose accuracy is at least
+    the unsteered accuracy minus this."""
+    top_classes: Annotated[int, Field(ge=1)] = 5
+    """Classes listed in the headline (largest usage reduction first)."""
+    head_index_base: Literal[0, 1] = 0
+    """Printed head numbering: 0 gives h0..h(H-1), 1 gives h1..hH."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Test images per batch."""
+    seed: int = 0
+    """Seed of the random latent sets."""
+    device: Device = "auto"
+    """`auto` picks CUDA when present."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SteerParams:
+        if not self.strategies:
+            raise ValueError("strategies must name at least one of per_class, global, random")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies has duplicates: {self.strategies}")
+        if not self.alphas:
+            raise ValueError("alphas must hold at least one value")
+        if len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"alphas has duplicates: {self.alphas}")
+        if self.mode == "scale" and min(self.alphas) < -1:
+            raise ValueError(f"mode 'scale' needs alphas >= -1 (-1 ablates), got {min(self.alphas)}")
+        return self
+
+
+# --------------------------------------------------------------------------------------- root
+class Params(Section):
+    """The whole `params.yaml`: one section per stage."""
+
+    data: DataParams
+    model: ModelParams
+    finetune: FinetuneParams
+    extract: ExtractParams
+    sae: SaeParams
+    stats: StatsParams
+    steer: SteerParams
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: missing (this section or key is required)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key (value {error['input']!r}); check the spelling"
+    return f"{where} = {error['input']!r}: {message}"
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError with a one-paragraph message."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors(include_url=False)]
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise ParamsError(f"invalid parameters in {source}: {shown}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"cannot read parameter file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,1 @@
+"""One thin module per DVC stage: each `run(params)` reads its deps and writes its outs."""
