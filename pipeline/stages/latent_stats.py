@@ -1,0 +1,190 @@
+"""`latent_stats`: which SAE latents fire for which class (METHOD.md section 4).
+
+Reads models/sae/ and data/embeddings/{train,test}.parquet. The top-K sets come from the
+train split (steering uses them); test statistics are reported separately, together with how
+well each class's test set agrees with its train set. Writes:
+- data/stats/latents.parquet: long table (split, class, class_id, latent, frequency,
+  mean_activation, count, rank), only rows with frequency > 0;
+- data/stats/top_sets.json: the sets steering uses, plus each latent's mean active value;
+- metrics/latent_stats.json, metrics/plots/class_overlap.json and two PNG figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import plots
+from pipeline import stats as st
+from pipeline.embeddings import EmbeddingTable, read_embeddings
+from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, with_metadata, write_json
+from pipeline.params import Params
+from pipeline.sae import load_sae
+
+log = logging.getLogger(__name__)
+
+SAE_DIR = Path("models/sae")
+TRAIN = Path("data/embeddings/train.parquet")
+TEST = Path("data/embeddings/test.parquet")
+LATENTS = Path("data/stats/latents.parquet")
+TOP_SETS = Path("data/stats/top_sets.json")
+METRICS = Path("metrics/latent_stats.json")
+HEATMAP = Path("metrics/plots/overlap_heatmap.png")
+HISTOGRAM = Path("metrics/plots/firing_frequency.png")
+CLASS_OVERLAP = Path("metrics/plots/class_overlap.json")
+ALL = "__all__"
+DIGITS = 6  # metrics are rounded so the JSON stays readable
+
+LATENTS_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string()),
+        pa.field("class", pa.string()),
+        pa.field("class_id", pa.int32()),
+        pa.field("latent", pa.int32()),
+        pa.field("frequency", pa.float64()),
+        pa.field("mean_activation", pa.float64()),
+        pa.field("count", pa.int64()),
+        pa.field("rank", pa.int32()),
+    ]
+)
+
+
+def run(params: Params) -> None:
+    cfg = params.stats
+    clean_outputs(LATENTS, TOP_SETS, METRICS, HEATMAP, HISTOGRAM, CLASS_OVERLAP)
+    sae = load_sae(SAE_DIR).to("cpu").eval()
+    train, test = read_embeddings(TRAIN), read_embeddings(TEST)
+    class_names = train.class_names
+    if test.class_names != class_names:
+        raise PipelineError(f"{TEST}: class names differ from {TRAIN}; rerun `extract`")
+    split_stats = {name: _encode(sae, table, name, len(class_names), cfg.batch_size)
+                   for name, table in (("train", train), ("test", test))}
+
+    n_latents, top_k = sae.n_latents, cfg.top_k
+    sets = {name: (st.top_set(s.freq_all, top_k), st.top_sets(s.freq_class, top_k)) for name, s in split_stats.items()}
+    train_stats = split_stats["train"]
+    global_set, class_sets = sets["train"]
+    overlap, jaccard = st.overlap_matrix(class_sets, n_latents, top_k)
+    g_overlap, g_jaccard = st.global_vs_class(global_set, class_sets, n_latents, top_k)
+
+    _write_latents(split_stats, class_names, top_k)
+    write_json(TOP_SETS, {
+        "top_k": top_k,
+        "n_latents": n_latents,
+        "class_names": class_names,
+        "global": global_set.tolist(),
+        "per_class": {name: s.tolist() for name, s in zip(class_names, class_sets)},
+        "mean_active_value": train_stats.mean_active_all.tolist(),
+    })
+
+    metrics = _summary(train_stats, global_set, class_sets, top_k)
+    metrics["test"] = _summary(split_stats["test"], *sets["test"], top_k)
+    metrics["test"].update(_stability(sets["train"], sets["test"], n_latents, top_k))
+    metrics["class_overlap_offdiag_mean"] = _r(_offdiag_mean(overlap))
+    metrics["related"] = _related(overlap, jaccard, class_names, params.stats.related)
+    metrics.update(top_k=top_k, n_latents=n_latents, n_classes=len(class_names))
+    write_json(METRICS, metrics)
+
+    write_json(CLASS_OVERLAP, [
+        {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}
+        for name, o, j in zip(class_names, g_overlap.tolist(), g_jaccard.tolist())
+    ])
+    plots.overlap_heatmap(overlap.numpy(), class_names, HEATMAP, title=f"Top-{top_k} latent overlap |A ∩ B| / K (train)")
+    plots.frequency_histogram(train_stats.freq_all.numpy(), HISTOGRAM)
+    log.info("global vs class overlap %.4f (Jaccard %.4f); %d of %d latents alive; mean L0 %.2f",
+             metrics["overlap_global_vs_class"], metrics["jaccard_global_vs_class"],
+             metrics["alive_latents"], n_latents, metrics["mean_l0"])
+
+
+def _encode(sae: Any, table: EmbeddingTable, split: str, n_classes: int, batch_size: int) -> st.LatentStats:
+    if table.dim != sae.dim:
+        raise PipelineError(f"embeddings have dim {table.dim} but the SAE in {SAE_DIR} expects {sae.dim}; rerun `train_sae`")
+    if int(table.labels.min()) < 0 or int(table.labels.max()) >= n_classes:
+        raise PipelineError(f"{split} embeddings: labels outside [0, {n_classes}) (class_names has {n_classes})")
+    return st.encode_stats(sae.encode_topk, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {split}")
+
+
+def _r(x: float) -> float:
+    return round(float(x), DIGITS)
+
+
+def _summary(stats: st.LatentStats, global_set: torch.Tensor, class_sets: list[torch.Tensor], top_k: int) -> dict[str, Any]:
+    overlap, jaccard = st.global_vs_class(global_set, class_sets, stats.n_latents, top_k)
+    alive = int(stats.alive.sum())
+    return {
+        "overlap_global_vs_class": _r(overlap.mean()),
+        "jaccard_global_vs_class": _r(jaccard.mean()),
+        "alive_latents": alive,
+        "alive_fraction": _r(alive / stats.n_latents),
+        "mean_l0": _r(stats.mean_l0),
+        "n_samples": stats.n_samples,
+    }
+
+
+def _stability(train_sets: tuple, test_sets: tuple, n_latents: int, top_k: int) -> dict[str, float]:
+    """How far a split's sets agree with the train sets (|A_train ∩ A_test| / K)."""
+    global_overlap, _ = st.set_overlap(train_sets[0], test_sets[0], top_k)
+    class_overlap, _ = st.paired_overlap(train_sets[1], test_sets[1], n_latents, top_k)
+    return {"global_set_train_overlap": _r(global_overlap), "class_set_train_overlap": _r(class_overlap.mean())}
+
+
+def _offdiag_mean(matrix: torch.Tensor) -> float:
+    c = matrix.shape[0]
+    if c < 2:
+        return 0.0
+    return float((matrix.sum() - matrix.diagonal().sum()) / (c * (c - 1)))
+
+
+def _related(overlap: torch.Tensor, jaccard: torch.Tensor, class_names: list[str], n: int) -> dict[str, list[dict]]:
+    indices, values = st.most_related(overlap, n)
+    return {
+        name: [{"class": class_names[j], "overlap": _r(v), "jaccard": _r(jaccard[i, j])}
+               for j, v in zip(indices[i].tolist(), values[i].tolist())]
+        for i, name in enumerate(class_names)
+    }
+
+
+def _rows(split: str, name: str, class_id: int, freq: torch.Tensor, mean: torch.Tensor,
+          count: torch.Tensor, rank: torch.Tensor) -> dict[str, np.ndarray]:
+    """One group's rows (latents that fire), in rank order."""
+    order = st.frequency_order(freq)
+    order = order[freq[order] > 0]
+    n = len(order)
+    return {
+        "split": np.full(n, split, dtype=object),
+        "class": np.full(n, name, dtype=object),
+        "class_id": np.full(n, class_id, dtype=np.int32),
+        "latent": order.numpy().astype(np.int32),
+        "frequency": freq[order].numpy(),
+        "mean_activation": mean[order].numpy(),
+        "count": count[order].numpy().astype(np.int64),
+        "rank": rank[order].numpy().astype(np.int32),
+    }
+
+
+def _write_latents(split_stats: dict[str, st.LatentStats], class_names: list[str], top_k: int) -> None:
+    groups = []
+    for split, s in split_stats.items():
+        freq_all, freq_class = s.freq_all, s.freq_class
+        groups.append(_rows(split, ALL, -1, freq_all, s.mean_active_all, s.fire_count_all, st.frequency_rank(freq_all)))
+        rank_class, mean_class = st.frequency_rank(freq_class), s.mean_active_class
+        for c, name in enumerate(class_names):
+            groups.append(_rows(split, name, c, freq_class[c], mean_class[c], s.fire_count_class[c], rank_class[c]))
+    columns = {field.name: np.concatenate([g[field.name] for g in groups]) for field in LATENTS_SCHEMA}
+    meta = {
+        "top_k": top_k,
+        "class_names": class_names,
+        "n_latents": next(iter(split_stats.values())).n_latents,
+        "n_samples": {split: s.n_samples for split, s in split_stats.items()},
+        "class_counts": {split: s.class_counts.tolist() for split, s in split_stats.items()},
+    }
+    schema = with_metadata(LATENTS_SCHEMA, meta)
+    table = pa.Table.from_pydict({k: pa.array(v, type=schema.field(k).type) for k, v in columns.items()}, schema=schema)
+    with atomic_path(LATENTS) as tmp:
+        with parquet_writer(tmp, schema) as writer:
+            writer.write_table(table, row_group_size=1 << 20)

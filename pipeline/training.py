@@ -1,0 +1,247 @@
+"""Fine-tuning the head-gated ViT: cross-entropy plus AdaViT's head-usage loss.
+
+The data set lives in memory as one uint8 tensor at its native resolution (CIFAR: 150 MB);
+augmentation, resizing and normalisation run batched on the training device, so there is no
+per-image Python work in the loop. Under torchrun every process takes an interleaved shard of
+one shared permutation and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.gated_vit import GatedViT, preprocess
+from pipeline.params import AugmentParams, FinetuneParams
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- distribution
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def augment(images: Tensor, params: AugmentParams, generator: torch.Generator) -> Tensor:
+    """Random crop after zero padding and random horizontal flip, batched. uint8 in, uint8 out."""
+    b, _, h, w = images.shape
+    if params.crop_padding:
+        p = params.crop_padding
+        padded = F.pad(images, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(b, device=images.device)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    if params.hflip:
+        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+# ------------------------------------------------------------------------------ schedule
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress_frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress_frac)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, position embeddings and tokens (timm's convention)."""
+    decay, no_decay = [], []
+    skip = {"vit.pos_embed", "vit.cls_token", "vit.reg_token"}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def usage_loss(gates: Tensor, target: float) -> Tensor:
+    """AdaViT's head-usage loss: |mean gate - target| over batch, gated blocks and heads."""
+    return (gates.mean() - target).abs()
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class Evaluation:
+    accuracy: float
+    head_usage: float
+    """Mean eval gate of the final block."""
+    head_usage_per_block: list[float]
+    """Per block (1.0 for ungated blocks)."""
+    head_usage_per_head: list[float]
+    """Final block, per head."""
+    predictions: Tensor
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "test_accuracy": self.accuracy,
+            "head_usage": self.head_usage,
+            "head_usage_per_block": self.head_usage_per_block,
+            "head_usage_per_head": self.head_usage_per_head,
+        }
+
+
+@torch.no_grad()
+def evaluate(model: GatedViT, images: Tensor, labels: Tensor, config: dict[str, Any], device: torch.device, batch_size: int) -> Evaluation:
+    """Eval-mode accuracy and head usage (deterministic gates) over a uint8 image tensor."""
+    was_training = model.training
+    model.eval()
+    preds, gate_sums = [], torch.zeros(len(model.gated_blocks), model.num_heads, dtype=torch.float64)
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start : start + batch_size].to(device), config["shape"]["img_size"], config["mean"], config["std"])
+        out = model(x)
+        preds.append(out.logits.argmax(-1).cpu())
+        gate_sums += out.gates.sum(0).double().cpu()
+    model.train(was_training)
+    predictions = torch.cat(preds)
+    per_head = gate_sums / len(images)
+    per_block = [1.0] * model.keep_layers + per_head.mean(1).tolist()
+    return Evaluation(
+        accuracy=float((predictions == labels).double().mean()),
+        head_usage=per_block[-1],
+        head_usage_per_block=per_block,
+        head_usage_per_head=per_head[-1].tolist(),
+        predictions=predictions,
+    )
+
+
+# ------------------------------------------------------------------------------- training
+@dataclass
+class TrainState:
+    """What an epoch checkpoint holds (plain tensors and numbers: loadable with weights_only)."""
+
+    epoch: int
+    history: list[dict[str, float]]
+
+
+def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: TrainState) -> None:
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "data_rng": gen.get_state(),
+                "epoch": state.epoch,
+                "history": state.history,
+            },
+            tmp,
+        )
+
+
+def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> TrainState:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    gen.set_state(ckpt["data_rng"])
+    return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+
+
+def train(
+    model: GatedViT,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    config: dict[str, Any],
+    params: FinetuneParams,
+    device: torch.device,
+    dist_info: DistInfo = DistInfo(),
+    checkpoint: Path | None = None,
+) -> list[dict[str, float]]:
+    """Train in place; return per-epoch history (train loss/accuracy, test accuracy, usage).
+
+    With `checkpoint`, the state after every epoch is saved there, and training continues from
+    it when it exists and `params.resume` is set (the resumed run equals an uninterrupted one).
+    """
+    model.to(device).train()
+    ddp_model: nn.Module = model
+    if dist_info.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(param_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(params.seed)  # shuffling + augmentation, same on all ranks
+    n = len(train_images)
+    per_rank = params.batch_size // dist_info.world
+    steps_per_epoch = n // params.batch_size if n >= params.batch_size else 1
+    total_steps = steps_per_epoch * params.epochs
+    warmup = round(params.warmup_epochs * steps_per_epoch)
+    img_size, mean, std = config["shape"]["img_size"], config["mean"], config["std"]
+    autocast = device.type == "cuda" and params.precision == "bf16"
+
+    state = TrainState(epoch=0, history=[])
+    if checkpoint is not None and params.resume and checkpoint.exists():
+        state = _restore(checkpoint, model, opt, gen)
+        log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
+
+    for epoch in range(state.epoch, params.epochs):
+        perm = torch.randperm(n, generator=gen)
+        loss_sum = correct = seen = 0.0
+        batches = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{params.epochs}", unit="batch")
+        for step_in_epoch in batches:
+            step = epoch * steps_per_epoch + step_in_epoch
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup, params.lr, params.min_lr)
+            idx = perm[step_in_epoch * params.batch_size : (step_in_epoch + 1) * params.batch_size]
+            aug = augment(train_images[idx], params.augment, gen)  # same draws on every rank
+            idx_rank = slice(dist_info.rank * per_rank, (dist_info.rank + 1) * per_rank)
+            x = preprocess(aug[idx_rank].to(device, non_blocking=True), img_size, mean, std)
+            y = train_labels[idx][idx_rank].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = ddp_model(x)
+                ce = F.cross_entropy(out.logits.float(), y, label_smoothing=params.label_smoothing)
+                loss = ce + params.head_weight * usage_loss(out.gates.float(), params.head_target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += float((out.logits.argmax(-1) == y).sum())
+            seen += len(y)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        if dist_info.is_main:
+            ev = evaluate(model, test_images, test_labels, config, device, batch_size=max(per_rank, 256))
+            row.update(test_accuracy=ev.accuracy, head_usage=ev.head_usage)
+            log.info("epoch %d/%d: %s", epoch + 1, params.epochs, {k: round(v, 4) for k, v in row.items()})
+        state = TrainState(epoch=epoch + 1, history=[*state.history, row])
+        if checkpoint is not None and dist_info.is_main:
+            _checkpoint(checkpoint, model, opt, gen, state)
+        if dist_info.world > 1:
+            dist.barrier()
+    model.eval()
+    return state.history
