@@ -41,7 +41,8 @@ def save_figure(fig: Figure, path: Path | str) -> None:
     """Write `fig` as a deterministic PNG (no version/timestamp metadata), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+        # bbox "tight" keeps long rotated tick labels inside the image
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.1)
 
 
 def _as_array(values: object) -> np.ndarray:
@@ -64,7 +65,8 @@ def overlap_heatmap(
     if m.shape != (n, n):
         raise ValueError(f"matrix shape {m.shape} does not match {n} class names")
     side = float(np.clip(3.0 + 0.15 * n, 5.0, 18.0))
-    tick_size = float(np.clip(110.0 / max(n, 1), 4.0, 9.0))
+    # about 80% of the side is the grid: size the labels to the spacing of the rows (points)
+    tick_size = float(np.clip(0.7 * 0.8 * side * 72 / max(n, 1), 4.0, 9.0))
     with matplotlib.rc_context(_RC):
         fig = _new_figure(side + 1.2, side)
         ax = fig.add_subplot()

@@ -76,6 +76,14 @@ def test_ranking_breaks_ties_by_lower_index_and_skips_dead_latents():
     assert [s.tolist() for s in sets] == [[0, 1], [3, 0]]
 
 
+def test_ranking_is_deterministic_on_many_ties():
+    # large enough that an unstable sort reorders equal frequencies
+    freq = torch.randint(0, 5, (5000,), generator=torch.Generator().manual_seed(0)).double() / 4
+    expected = sorted(range(5000), key=lambda j: (-freq[j].item(), j))
+    assert st.frequency_order(freq).tolist() == expected
+    assert st.top_set(freq, 100).tolist() == expected[:100]
+
+
 def test_set_overlap_and_jaccard_examples():
     assert st.set_overlap(torch.tensor([1, 2, 3]), torch.tensor([3, 4]), 4) == (0.25, 0.25)
     assert st.set_overlap(torch.tensor([5, 2]), torch.tensor([2, 5]), 2) == (1.0, 1.0)
@@ -300,6 +308,7 @@ def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
     assert metrics["alive_latents"] == len(train_all)
     assert metrics["mean_l0"] == pytest.approx(sum(r["frequency"] for r in train_all), abs=1e-6)
     assert metrics["top_k"] == top_k and metrics["n_latents"] == n_latents
+    assert metrics["alive_latents"] > top_k and len(top["global"]) == top_k  # a non-trivial case
 
     # the sets follow from the rows' ranks, and equal the brute-force sets
     def set_from_rows(split, name):

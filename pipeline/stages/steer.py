@@ -1,0 +1,148 @@
+"""`steer`: amplify SAE latent sets and measure accuracy and final-block head usage per class."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from pipeline import plots
+from pipeline.data import load_images
+from pipeline.embeddings import read_embeddings
+from pipeline.gated_vit import load_gated_vit
+from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, pick_device, read_json, write_json, write_text
+from pipeline.params import Params
+from pipeline.report import render_report
+from pipeline.sae import load_sae
+from pipeline.steering import (
+    LatentSets,
+    overall,
+    Variant,
+    random_sets,
+    result_rows,
+    run_sweep,
+    select_headline,
+    sets_to_mask,
+    strategy_curves,
+    variants_for,
+)
+
+log = logging.getLogger(__name__)
+
+DATASET = Path("data/dataset")
+EMBEDDINGS = Path("data/embeddings")
+STATS = Path("data/stats")
+MODEL_DIR = Path("models/vit")
+SAE_DIR = Path("models/sae")
+STATS_METRICS = Path("metrics/latent_stats.json")
+OUT_DIR = Path("data/steer")
+METRICS = Path("metrics/steer.json")
+PLOTS = Path("metrics/plots")
+REPORT = Path("metrics/report.md")
+
+
+def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int, seed: int) -> LatentSets:
+    if top_sets.get("class_names") != class_names:
+        raise PipelineError(f"{STATS}/top_sets.json: class names differ from the model's; rerun latent_stats")
+    if top_sets.get("n_latents") != n_latents:
+        raise PipelineError(f"{STATS}/top_sets.json: made for {top_sets.get('n_latents')} latents, the SAE has {n_latents}")
+    mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float32)
+    global_set = sets_to_mask([top_sets["global"]], n_latents)[0]
+    return LatentSets(
+        per_class=sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents),
+        global_set=global_set,
+        random=random_sets(mean_active > 0, int(global_set.sum()), draws, seed),
+        mean_active=mean_active,
+    )
+
+
+def write_results(rows: list[dict], n_heads: int, path: Path) -> None:
+    schema = pa.schema(
+        [
+            ("strategy", pa.string()),
+            ("alpha", pa.float64()),
+            ("draw", pa.int32()),
+            ("class_id", pa.int32()),
+            ("class", pa.string()),
+            ("n", pa.int32()),
+            ("accuracy", pa.float64()),
+            ("head_usage", pa.float64()),
+            *[(f"keep_h{h}", pa.float64()) for h in range(n_heads)],
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with parquet_writer(path, schema) as writer:
+        writer.write_table(table, row_group_size=max(len(rows), 1))
+
+
+def run(params: Params) -> None:
+    sp = params.steer
+    clean_outputs(OUT_DIR, METRICS, REPORT)
+    model, config = load_gated_vit(MODEL_DIR)
+    sae = load_sae(SAE_DIR)
+    if sae.dim != model.vit.embed_dim:
+        raise PipelineError(f"{SAE_DIR}: SAE width {sae.dim} differs from the model's embedding width {model.vit.embed_dim}")
+    class_names = config["class_names"]
+    sets = load_sets(read_json(STATS / "top_sets.json"), sae.n_latents, class_names, sp.random_draws, sp.seed)
+    test = load_images(DATASET / "test.parquet")
+    stored = read_embeddings(EMBEDDINGS / "test.parquet")
+    if len(stored.x) != len(test.labels) or not torch.equal(stored.labels, test.labels):
+        raise PipelineError(f"{EMBEDDINGS}/test.parquet does not match {DATASET}/test.parquet; rerun extract")
+
+    device = pick_device(sp.device)
+    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)
+    log.info("steering: %d variants x %d test images", len(variants), len(test.labels))
+    tally, cls_inputs = run_sweep(model, sae, sets, test.images, test.labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, device)
+    # The recomputed final-block inputs must be the stored ones (same model, same images).
+    if not torch.allclose(cls_inputs, stored.x, atol=1e-4, rtol=1e-4):
+        raise PipelineError(f"{EMBEDDINGS}/test.parquet: stored x differs from the model's; rerun extract")
+
+    rows = result_rows(tally, class_names)
+    with atomic_path(OUT_DIR, directory=True) as tmp:
+        write_results(rows, model.num_heads, tmp / "results.parquet")
+
+    base_acc, base_usage = overall(tally, Variant(sp.strategies[0], 0.0, 0))
+    curves = strategy_curves(tally, sp.strategies)
+    headline = select_headline(rows, model.num_heads, sp.accuracy_tolerance) if "per_class" in sp.strategies else []
+    head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
+    top = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]
+    metrics = {
+        "baseline": {"accuracy": base_acc, "head_usage": base_usage},
+        "strategies": curves,
+        "settings": {"mode": sp.mode, "keep_error": sp.keep_error, "accuracy_tolerance": sp.accuracy_tolerance,
+                     "head_index_base": sp.head_index_base, "variants": len(variants)},
+    }
+    if headline:
+        metrics["per_class_headline"] = {
+            "mean_usage_reduction": sum(c.usage_reduction for c in headline) / len(headline),
+            "mean_accuracy_change": sum(c.accuracy - c.baseline_accuracy for c in headline) / len(headline),
+            "classes_with_reduction": sum(c.usage_reduction > 0 for c in headline),
+            "top": [
+                {
+                    "class": c.name, "alpha": c.alpha,
+                    "baseline_accuracy": c.baseline_accuracy, "baseline_usage": c.baseline_usage,
+                    "accuracy": c.accuracy, "usage": c.usage,
+                    "heads": [head_name(h) for h in c.heads],
+                }
+                for c in top
+            ],
+        }
+    write_json(METRICS, metrics)
+
+    # dvc plots data: one row per alpha, one column per strategy (the paper's Figures 2 and 3)
+    alphas = sorted({a for c in curves.values() for a in c["alpha"]})
+    for key, name in (("accuracy", "steer_accuracy.json"), ("head_usage", "steer_usage.json")):
+        table = [{"alpha": a, **{s: c[key][c["alpha"].index(a)] for s, c in curves.items() if a in c["alpha"]}} for a in alphas]
+        write_json(PLOTS / name, table)
+    write_json(PLOTS / "steer_class_usage.json",
+               [{"class": c.name, "baseline_usage": c.baseline_usage, "steered_usage": c.usage, "alpha": c.alpha} for c in headline])
+    plots.steering_curves(curves, PLOTS / "steer_curves.png")
+    heads = [head_name(h) for h in range(model.num_heads)]
+    if headline:
+        baseline_keep = [[r[f"keep_h{h}"] for h in range(model.num_heads)] for r in rows if r["strategy"] == "per_class" and r["alpha"] == 0.0]
+        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, PLOTS / "head_keep_heatmap.png")
+        plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, PLOTS / "steer_class_usage.png")
+    write_text(REPORT, render_report(params, config, read_json(STATS_METRICS), metrics, headline, heads, read_json(Path("metrics/finetune.json")), read_json(Path("metrics/sae.json"))))
+    log.info("baseline accuracy %.4f usage %.3f; report in %s", base_acc, base_usage, REPORT)

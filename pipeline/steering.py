@@ -1,0 +1,301 @@
+"""Steering SAE latents to control the final block's head gates (METHOD.md section 5).
+
+For an image with final-block CLS input `x` and a latent set S:
+    z = enc(x);  z'_j = (1 + alpha) z_j  (mode "scale")  or  z_j + alpha * m_j  (mode "add"), j in S
+    x' = x + dec(z') - dec(z)   (keep_error)   or   x' = dec(z')
+The final block's decision network sees x'; the final block itself runs on the original tokens
+with the resulting gates, and the classifier reads its output.
+
+Fast path: blocks 0..L-2 run once per batch. Every (strategy, alpha, draw) variant then only
+needs the decision network (one small matmul) to get its gates, and the final block's output
+depends on nothing but the tokens and the gate pattern, so the final block runs once per
+distinct (image, gate pattern) pair across all variants, instead of once per variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pipeline.gated_vit import GatedViT, preprocess
+from pipeline.progress import progress
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One steering setting: a strategy, a strength and (for `random`) a draw."""
+
+    strategy: str
+    alpha: float
+    draw: int = 0
+
+
+@dataclass
+class LatentSets:
+    """The latent sets steering uses, as boolean masks over the SAE's latents."""
+
+    per_class: Tensor
+    """(C, n_latents) bool: the set of each class."""
+    global_set: Tensor
+    """(n_latents,) bool."""
+    random: Tensor
+    """(draws, n_latents) bool: random sets of the global set's size."""
+    mean_active: Tensor
+    """(n_latents,) mean active value of each latent (for mode "add")."""
+
+    def mask(self, variant: Variant, labels: Tensor) -> Tensor:
+        """(B, n_latents) bool mask of the latents to steer for these images."""
+        if variant.strategy == "per_class":
+            return self.per_class[labels]
+        if variant.strategy == "global":
+            return self.global_set.expand(len(labels), -1)
+        if variant.strategy == "random":
+            return self.random[variant.draw].expand(len(labels), -1)
+        raise ValueError(f"unknown strategy {variant.strategy!r}")
+
+
+def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
+    mask = torch.zeros(len(sets), n_latents, dtype=torch.bool)
+    for row, latents in enumerate(sets):
+        mask[row, torch.as_tensor(latents, dtype=torch.long)] = True
+    return mask
+
+
+def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:
+    """`draws` seeded sets of `size` latents drawn uniformly from the alive ones (a mask)."""
+    candidates = torch.nonzero(alive).flatten()
+    gen = torch.Generator().manual_seed(seed)
+    rows = [candidates[torch.randperm(len(candidates), generator=gen)[:size]].tolist() for _ in range(draws)]
+    return sets_to_mask(rows, len(alive))
+
+
+def steer_latents(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: Tensor) -> Tensor:
+    """Amplify (alpha > 0) or suppress (alpha < 0) the masked latents of dense codes z."""
+    if mode == "scale":
+        return torch.where(mask, z * (1 + alpha), z)
+    if mode == "add":
+        return torch.where(mask, z + alpha * mean_active, z)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def steered_input(x: Tensor, z: Tensor, z_steered: Tensor, sae, keep_error: bool) -> Tensor:
+    """The decision network's new input x'."""
+    if keep_error:
+        return x + (sae.decode(z_steered) - sae.decode(z))
+    return sae.decode(z_steered)
+
+
+def final_block_outcomes(model: GatedViT, tokens: Tensor, gates: Tensor, chunk: int = 256) -> Tensor:
+    """Predictions for every row of gates (V, B, H), running the final block once per distinct
+    (image, gate pattern) pair. Returns (V, B) predicted classes."""
+    v, b, h = gates.shape
+    codes = (gates.long() * (1 << torch.arange(h, device=gates.device))).sum(-1)  # (V, B)
+    keys = torch.arange(b, device=gates.device) * (1 << h) + codes
+    unique, inverse = torch.unique(keys.flatten(), return_inverse=True)
+    image_of, code_of = unique // (1 << h), unique % (1 << h)
+    pattern = ((code_of[:, None] >> torch.arange(h, device=gates.device)) & 1).to(tokens.dtype)
+    preds = torch.empty(len(unique), dtype=torch.long, device=tokens.device)
+    for start in range(0, len(unique), chunk):
+        sl = slice(start, start + chunk)
+        preds[sl] = model.forward_final(tokens[image_of[sl]], pattern[sl]).argmax(-1)
+    return preds[inverse].view(v, b)
+
+
+@dataclass
+class Tally:
+    """Per-variant, per-class sums accumulated over batches."""
+
+    n_classes: int
+    n_heads: int
+    count: dict[Variant, Tensor] = field(default_factory=dict)
+    correct: dict[Variant, Tensor] = field(default_factory=dict)
+    kept: dict[Variant, Tensor] = field(default_factory=dict)
+
+    def add(self, variant: Variant, labels: Tensor, preds: Tensor, gates: Tensor) -> None:
+        if variant not in self.count:
+            self.count[variant] = torch.zeros(self.n_classes, dtype=torch.float64)
+            self.correct[variant] = torch.zeros(self.n_classes, dtype=torch.float64)
+            self.kept[variant] = torch.zeros(self.n_classes, self.n_heads, dtype=torch.float64)
+        labels = labels.cpu()
+        self.count[variant] += torch.bincount(labels, minlength=self.n_classes).double()
+        self.correct[variant] += torch.bincount(labels, weights=(preds.cpu() == labels).double(), minlength=self.n_classes)
+        self.kept[variant].index_add_(0, labels, gates.cpu().double())
+
+
+def variants_for(strategies: list[str], alphas: list[float], random_draws: int) -> list[Variant]:
+    """Every (strategy, alpha, draw) to evaluate; alpha 0 is the shared baseline."""
+    grid = sorted(set(alphas) | {0.0})
+    out = []
+    for strategy in strategies:
+        draws = random_draws if strategy == "random" else 1
+        out += [Variant(strategy, a, d) for a in grid for d in range(draws)]
+    return out
+
+
+@torch.no_grad()
+def steer_batch(
+    model: GatedViT, sae, sets: LatentSets, tokens: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
+) -> tuple[Tensor, Tensor]:
+    """Gates (V, B, H) and predictions (V, B) of all variants, reusing `tokens` (fast path)."""
+    x = tokens[:, 0]
+    z = sae.encode(x)
+    gates = []
+    for variant in variants:
+        z_steered = steer_latents(z, sets.mask(variant, labels), variant.alpha, mode, sets.mean_active)
+        x_steered = steered_input(x, z, z_steered, sae, keep_error)
+        gates.append((model.final_gate_logits(x_steered) > 0).to(tokens.dtype))
+    gates_t = torch.stack(gates)
+    return gates_t, final_block_outcomes(model, tokens, gates_t)
+
+
+@torch.no_grad()
+def steer_batch_naive(
+    model: GatedViT, sae, sets: LatentSets, images: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
+) -> tuple[Tensor, Tensor]:
+    """Reference: the whole model once per variant (for tests and the benchmark)."""
+    gates, preds = [], []
+    for variant in variants:
+        tokens = model.forward_to_final(images)
+        x = tokens[:, 0]
+        z = sae.encode(x)
+        z_steered = steer_latents(z, sets.mask(variant, labels), variant.alpha, mode, sets.mean_active)
+        g = (model.final_gate_logits(steered_input(x, z, z_steered, sae, keep_error)) > 0).to(tokens.dtype)
+        gates.append(g)
+        preds.append(model.forward_final(tokens, g).argmax(-1))
+    return torch.stack(gates), torch.stack(preds)
+
+
+def run_sweep(
+    model: GatedViT,
+    sae,
+    sets: LatentSets,
+    images: Tensor,
+    labels: Tensor,
+    config: dict,
+    variants: list[Variant],
+    mode: str,
+    keep_error: bool,
+    batch_size: int,
+    device: torch.device,
+    naive: bool = False,
+) -> tuple[Tally, Tensor]:
+    """Evaluate every variant on uint8 `images`; returns the tally and the stream's CLS inputs."""
+    model.eval().to(device)
+    sae.eval().to(device)
+    sets = LatentSets(*(t.to(device) for t in (sets.per_class, sets.global_set, sets.random, sets.mean_active)))
+    tally = Tally(n_classes=len(config["class_names"]), n_heads=model.num_heads)
+    cls_inputs = []
+    for start in progress(range(0, len(images), batch_size), desc="steer", unit="batch"):
+        x = preprocess(images[start : start + batch_size].to(device), config["shape"]["img_size"], config["mean"], config["std"])
+        y = labels[start : start + batch_size].to(device)
+        if naive:
+            gates, preds = steer_batch_naive(model, sae, sets, x, y, variants, mode, keep_error)
+        else:
+            with torch.no_grad():
+                tokens = model.forward_to_final(x)
+            cls_inputs.append(tokens[:, 0].cpu())
+            gates, preds = steer_batch(model, sae, sets, tokens, y, variants, mode, keep_error)
+        for i, variant in enumerate(variants):
+            tally.add(variant, y, preds[i], gates[i])
+    return tally, (torch.cat(cls_inputs) if cls_inputs else torch.empty(0))
+
+
+# --------------------------------------------------------------------------- summarising
+def result_rows(tally: Tally, class_names: list[str]) -> list[dict]:
+    """One row per (strategy, alpha, draw, class): n, accuracy, head usage, per-head keep rates."""
+    rows = []
+    for variant in sorted(tally.count, key=lambda v: (v.strategy, v.alpha, v.draw)):
+        count = tally.count[variant]
+        for c, name in enumerate(class_names):
+            n = float(count[c])
+            keep = (tally.kept[variant][c] / n).tolist() if n else [float("nan")] * tally.n_heads
+            rows.append(
+                {
+                    "strategy": variant.strategy,
+                    "alpha": variant.alpha,
+                    "draw": variant.draw,
+                    "class_id": c,
+                    "class": name,
+                    "n": int(n),
+                    "accuracy": float(tally.correct[variant][c] / n) if n else float("nan"),
+                    "head_usage": float(sum(keep) / len(keep)) if n else float("nan"),
+                    **{f"keep_h{h}": k for h, k in enumerate(keep)},
+                }
+            )
+    return rows
+
+
+def overall(tally: Tally, variant: Variant) -> tuple[float, float]:
+    """Accuracy and head usage over all images for one variant."""
+    n = tally.count[variant].sum()
+    return float(tally.correct[variant].sum() / n), float(tally.kept[variant].sum() / (n * tally.n_heads))
+
+
+def strategy_curves(tally: Tally, strategies: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per strategy: alphas and the accuracy / head usage at each (random: mean over draws)."""
+    curves = {}
+    for strategy in strategies:
+        alphas = sorted({v.alpha for v in tally.count if v.strategy == strategy})
+        acc, usage = [], []
+        for alpha in alphas:
+            pairs = [overall(tally, v) for v in tally.count if v.strategy == strategy and v.alpha == alpha]
+            acc.append(sum(p[0] for p in pairs) / len(pairs))
+            usage.append(sum(p[1] for p in pairs) / len(pairs))
+        curves[strategy] = {"alpha": alphas, "accuracy": acc, "head_usage": usage}
+    return curves
+
+
+def kept_heads(keep_rates: list[float]) -> list[int]:
+    """Heads kept by a majority of a class's images."""
+    return [h for h, rate in enumerate(keep_rates) if rate > 0.5]
+
+
+@dataclass
+class ClassHeadline:
+    class_id: int
+    name: str
+    alpha: float
+    baseline_accuracy: float
+    baseline_usage: float
+    baseline_heads: list[int]
+    accuracy: float
+    usage: float
+    heads: list[int]
+    keep_rates: list[float]
+
+    @property
+    def usage_reduction(self) -> float:
+        return self.baseline_usage - self.usage
+
+
+def select_headline(rows: list[dict], n_heads: int, tolerance: float, strategy: str = "per_class") -> list[ClassHeadline]:
+    """Per class: the alpha with the lowest head usage whose accuracy is at least the unsteered
+    accuracy minus `tolerance` (ties: the smaller |alpha|, then the smaller alpha). Alpha 0 always
+    qualifies, so every class gets a selection."""
+    by_class: dict[int, list[dict]] = {}
+    for row in rows:
+        if row["strategy"] == strategy and row["n"] > 0:
+            by_class.setdefault(row["class_id"], []).append(row)
+    out = []
+    for class_id, class_rows in sorted(by_class.items()):
+        base = next(r for r in class_rows if r["alpha"] == 0.0)
+        ok = [r for r in class_rows if r["accuracy"] >= base["accuracy"] - tolerance - 1e-12]
+        best = min(ok, key=lambda r: (r["head_usage"], abs(r["alpha"]), r["alpha"]))
+        keep = [best[f"keep_h{h}"] for h in range(n_heads)]
+        out.append(
+            ClassHeadline(
+                class_id=class_id,
+                name=base["class"],
+                alpha=best["alpha"],
+                baseline_accuracy=base["accuracy"],
+                baseline_usage=base["head_usage"],
+                baseline_heads=kept_heads([base[f"keep_h{h}"] for h in range(n_heads)]),
+                accuracy=best["accuracy"],
+                usage=best["head_usage"],
+                heads=kept_heads(keep),
+                keep_rates=keep,
+            )
+        )
+    return out

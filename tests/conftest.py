@@ -1,0 +1,101 @@
+"""Shared test fixtures. Nothing in the test suite may touch the network."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Set before anything imports huggingface_hub, timm or DVC.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("PIPELINE_LOG", "WARNING")
+
+from pipeline.params import Params, parse_params  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest parameters that still exercise every stage: 4 synthetic classes of 16x16
+# images, a 2-block ViT of width 24 with 3 heads, one epoch of everything.
+TINY_PARAMS: dict[str, Any] = {
+    "data": {
+        "source": "synthetic",
+        "seed": 0,
+        "synthetic": {"num_classes": 4, "train_per_class": 16, "test_per_class": 8, "image_size": 16, "noise": 0.05},
+    },
+    "model": {
+        "name": "vit_small_patch16_224",
+        "img_size": 16,
+        "patch_size": 4,
+        "embed_dim": 24,
+        "depth": 2,
+        "num_heads": 3,
+        "keep_layers": 1,
+    },
+    "finetune": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0.0, "device": "cpu"},
+    "extract": {"batch_size": 32, "device": "cpu"},
+    "sae": {"expansion": 2, "k": 4, "epochs": 2, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
+    "stats": {"top_k": 4, "related": 2},
+    "steer": {"alphas": [-1.0, 0.0, 1.0], "random_draws": 1, "batch_size": 32, "top_classes": 2, "device": "cpu"},
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture
+def tiny_params_dict() -> Callable[..., dict[str, Any]]:
+    """Factory: `tiny_params_dict(data={"seed": 1})` -> the tiny params as a plain dict (for
+    writing a params.yaml), sections deep-merged with the overrides."""
+    return lambda **sections: _merge(TINY_PARAMS, sections)
+
+
+@pytest.fixture
+def tiny_params() -> Callable[..., Params]:
+    """Factory: `tiny_params(data={"synthetic": {"num_classes": 3}})` -> a validated Params."""
+    return lambda **sections: parse_params(_merge(TINY_PARAMS, sections), "tiny params")
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test inside an empty temporary directory (stages write relative to the CWD)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _is_local(address: Any) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths and the like
+        return True
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail fast and clearly if a test tries to reach another machine (loopback is allowed)."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self: socket.socket, address: Any) -> Any:
+        if not _is_local(address):
+            raise OSError(f"tests must not use the network (attempted connection to {address!r})")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)

@@ -1,0 +1,184 @@
+"""Steering: alpha 0 is the identity, the fast path equals the naive one, signs behave."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.gated_vit import build_gated_vit, model_config
+from pipeline.params import ModelParams
+from pipeline.sae import TopKSAE
+from pipeline.steering import (
+    LatentSets,
+    Tally,
+    Variant,
+    final_block_outcomes,
+    random_sets,
+    result_rows,
+    run_sweep,
+    select_headline,
+    sets_to_mask,
+    steer_batch,
+    steer_batch_naive,
+    variants_for,
+)
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
+N_CLASSES, N_LATENTS = 5, 64
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_gated_vit(ModelParams(**TINY), num_classes=N_CLASSES).eval()
+    with torch.no_grad():  # logits spread around 0 so the gates vary between images and heads
+        model.decision[-1].weight.normal_(0, 0.5)
+        model.decision[-1].bias.zero_()
+    sae = TopKSAE(24, N_LATENTS, k=8).eval()
+    config = model_config(ModelParams(**TINY), model.vit, N_CLASSES, [f"c{i}" for i in range(N_CLASSES)], 5.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(40) % N_CLASSES
+    per_class = torch.zeros(N_CLASSES, N_LATENTS, dtype=torch.bool)
+    for c in range(N_CLASSES):
+        per_class[c, torch.randperm(N_LATENTS, generator=gen)[:10]] = True
+    sets = LatentSets(
+        per_class=per_class,
+        global_set=per_class[0].clone(),
+        random=random_sets(torch.ones(N_LATENTS, dtype=torch.bool), 10, 2, seed=0),
+        mean_active=torch.rand(N_LATENTS, generator=gen) + 0.5,
+    )
+    return model, sae, config, images, labels, sets
+
+
+def normalised(model, config, images):
+    from pipeline.gated_vit import preprocess
+
+    return preprocess(images, config["shape"]["img_size"], config["mean"], config["std"])
+
+
+def test_alpha_zero_and_empty_set_reproduce_the_unsteered_model():
+    model, sae, config, images, labels, sets = setup()
+    x = normalised(model, config, images)
+    with torch.no_grad():
+        plain = model(x)
+        tokens = model.forward_to_final(x)
+    empty = LatentSets(torch.zeros_like(sets.per_class), torch.zeros_like(sets.global_set), torch.zeros_like(sets.random), sets.mean_active)
+    for mode in ("scale", "add"):
+        for keep_error in (True,):
+            variants = [Variant("per_class", 0.0), Variant("global", 0.0), Variant("random", 0.0, 1)]
+            gates, preds = steer_batch(model, sae, sets, tokens, labels, variants, mode, keep_error)
+            assert torch.equal(gates, plain.gates[:, -1].expand(3, -1, -1))
+            assert torch.equal(preds, plain.logits.argmax(-1).expand(3, -1))
+            gates, preds = steer_batch(model, sae, empty, tokens, labels, [Variant("per_class", 3.0)], mode, keep_error)
+            assert torch.equal(gates[0], plain.gates[:, -1]) and torch.equal(preds[0], plain.logits.argmax(-1))
+
+
+def test_fast_path_equals_naive_full_model_path():
+    model, sae, config, images, labels, sets = setup()
+    x = normalised(model, config, images)
+    variants = variants_for(["per_class", "global", "random"], [-1.0, 0.5, 4.0], random_draws=2)
+    for mode, keep_error in (("scale", True), ("add", False)):
+        with torch.no_grad():
+            tokens = model.forward_to_final(x)
+        fast_gates, fast_preds = steer_batch(model, sae, sets, tokens, labels, variants, mode, keep_error)
+        naive_gates, naive_preds = steer_batch_naive(model, sae, sets, x, labels, variants, mode, keep_error)
+        assert torch.equal(fast_gates, naive_gates)
+        assert torch.equal(fast_preds, naive_preds)
+        assert fast_gates.float().std() > 0  # the variants really differ
+
+
+def test_deduplicated_final_block_equals_one_run_per_variant():
+    model, _, config, images, _, _ = setup()
+    with torch.no_grad():
+        tokens = model.forward_to_final(normalised(model, config, images))
+        gates = (torch.rand(6, len(images), 4, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+        gates[3] = gates[1]  # repeated patterns are computed once
+        got = final_block_outcomes(model, tokens, gates, chunk=7)
+        for v in range(6):
+            logits = model.forward_final(tokens, gates[v])
+            assert torch.equal(got[v], logits.argmax(-1))
+            # and the logits themselves agree to float tolerance
+            assert torch.allclose(model.forward_final(tokens[:5], gates[v][:5]), logits[:5], atol=1e-5)
+
+
+def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
+    """Decision weights = -u, u the direction of the class latents' decoder columns: amplifying
+    the latents lowers every logit, suppressing them (alpha < 0) raises it."""
+    model, sae, config, images, labels, sets = setup()
+    x = normalised(model, config, images)
+    with torch.no_grad():
+        tokens = model.forward_to_final(x)
+        cls = tokens[:, 0]
+        z = sae.encode(cls)
+        # per-class sets: the latents that actually fire for the class's images
+        freq = torch.zeros(N_CLASSES, N_LATENTS).index_add_(0, labels, (z > 0).float())
+        per_class = torch.zeros(N_CLASSES, N_LATENTS, dtype=torch.bool)
+        for c in range(N_CLASSES):
+            per_class[c, freq[c].topk(6).indices] = True
+        sets = LatentSets(per_class, per_class[0], sets.random, sets.mean_active)
+        u = (sae.W_dec[:, per_class.any(0)]).sum(1)
+        u = u / u.norm()
+        net = model.decision[-1]
+        net.weight.copy_(-u.expand(4, -1))
+        proj = cls @ u
+        net.bias.copy_(proj.median() + torch.tensor([-0.2, -0.1, 0.1, 0.2]) * proj.std())
+    variants = [Variant("per_class", a) for a in (-1.0, -0.5, 0.0, 1.0, 3.0)]
+    gates, _ = steer_batch(model, sae, sets, tokens, labels, variants, "scale", True)
+    usage = gates.mean(dim=(1, 2))
+    assert 0.2 < usage[2] < 0.8
+    assert usage[0] > usage[2] and usage[1] > usage[2]  # suppression keeps more heads
+    assert usage[3] < usage[2] and usage[4] <= usage[3]  # amplification drops heads
+    assert torch.all(usage[:-1] >= usage[1:])  # monotone in alpha
+
+
+def test_sweep_tally_rows_match_direct_computation():
+    model, sae, config, images, labels, sets = setup()
+    variants = variants_for(["per_class", "random"], [-1.0, 2.0], random_draws=2)
+    tally, cls = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"))
+    naive, _ = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"), naive=True)
+    rows = result_rows(tally, config["class_names"])
+    assert rows == result_rows(naive, config["class_names"])
+    assert len(rows) == len(variants) * N_CLASSES and len(cls) == len(images)
+    # recompute one row by hand
+    x = normalised(model, config, images)
+    gates, preds = steer_batch_naive(model, sae, sets, x, labels, [Variant("random", 2.0, 1)], "scale", True)
+    c = 3
+    sel = labels == c
+    row = next(r for r in rows if r["strategy"] == "random" and r["alpha"] == 2.0 and r["draw"] == 1 and r["class_id"] == c)
+    assert row["n"] == int(sel.sum())
+    assert abs(row["accuracy"] - (preds[0][sel] == c).float().mean().item()) < 1e-12
+    assert abs(row["head_usage"] - gates[0][sel].mean().item()) < 1e-6
+    assert abs(row["keep_h2"] - gates[0][sel][:, 2].mean().item()) < 1e-6
+
+
+def test_headline_rule_picks_lowest_usage_within_tolerance():
+    def row(c, a, acc, usage):
+        return {"strategy": "per_class", "alpha": a, "draw": 0, "class_id": c, "class": f"c{c}", "n": 10,
+                "accuracy": acc, "head_usage": usage, "keep_h0": usage, "keep_h1": usage}
+
+    rows = [row(0, 0.0, 0.8, 0.9), row(0, 1.0, 0.8, 0.5), row(0, 2.0, 0.7, 0.1), row(0, -1.0, 0.9, 0.95),
+            row(1, 0.0, 0.5, 0.4), row(1, 1.0, 0.4, 0.2)]
+    strict = {c.class_id: c for c in select_headline(rows, 2, tolerance=0.0)}
+    assert strict[0].alpha == 1.0 and strict[0].usage == 0.5 and strict[0].heads == []
+    assert strict[1].alpha == 0.0  # every other alpha loses accuracy
+    loose = {c.class_id: c for c in select_headline(rows, 2, tolerance=0.1)}
+    assert loose[0].alpha == 2.0 and loose[1].alpha == 1.0
+    assert abs(loose[0].usage_reduction - 0.8) < 1e-12
+
+
+def test_random_sets_are_seeded_and_drawn_from_alive_latents():
+    alive = torch.zeros(50, dtype=torch.bool)
+    alive[10:30] = True
+    a, b = random_sets(alive, 5, 3, seed=1), random_sets(alive, 5, 3, seed=1)
+    assert torch.equal(a, b) and a.sum(1).tolist() == [5, 5, 5]
+    assert not a[:, ~alive].any()
+    assert not torch.equal(a[0], a[1])
+    assert torch.equal(sets_to_mask([[1, 3]], 5), torch.tensor([[False, True, False, True, False]]))
+
+
+def test_tally_counts_per_class():
+    tally = Tally(n_classes=3, n_heads=2)
+    v = Variant("global", 1.0)
+    tally.add(v, torch.tensor([0, 0, 2]), torch.tensor([0, 1, 2]), torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    assert tally.count[v].tolist() == [2, 0, 1]
+    assert tally.correct[v].tolist() == [1, 0, 1]
+    assert tally.kept[v].tolist() == [[2, 1], [0, 0], [0, 0]]
