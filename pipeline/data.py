@@ -28,7 +28,7 @@ import io
 import logging
 import os
 import urllib.error
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -207,8 +207,11 @@ def render_synthetic(
     noise: np.ndarray,
     size: int,
 ) -> np.ndarray:
-    """Draw a batch of images, vectorised: (B,) labels, (B, _N_PARAMS) uniforms in [0, 1),
-    (B, size, size, 3) standard normal noise (already scaled) -> (B, size, size, 3) uint8."""
+    """Draw a batch of images, vectorised over the batch with coordinate grids.
+
+    (B,) labels into `classes`, (B, _N_PARAMS) uniform draws in [0, 1) (placement, size,
+    rotation, tints, texture phases), (B, size, size, 3) pixel noise already scaled by the noise
+    level -> (B, size, size, 3) uint8 images."""
     b = len(labels)
     col = lambda v: v.reshape(b, 1, 1)  # noqa: E731 - per-image scalar broadcast over pixels
     shape_id = np.array([SHAPES.index(classes[k][1]) for k in labels])
@@ -269,7 +272,8 @@ def _synthetic_split(data: DataParams, split: str) -> SplitSource:
         "seed": data.seed,
         **syn.model_dump(),
     }
-    return SplitSource(synthetic_class_names(k), description, _synthetic_records(classes, data.seed, syn, split, count), count)
+    records = _synthetic_records(classes, data.seed, syn, split, count)
+    return SplitSource(synthetic_class_names(k), description, records, count)
 
 
 def _synthetic_records(
@@ -340,7 +344,7 @@ def _load_image_file(path: Path) -> tuple[bytes, tuple[int, int]]:
             if img.format == "PNG" and img.mode == "RGB":
                 return data, size
             return encode_png(np.asarray(img.convert("RGB"))), size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise PipelineError(f"imagefolder: {path} cannot be read as an image ({exc})") from None
 
 
@@ -375,7 +379,9 @@ def _cifar_dataset(root: Path, train: bool) -> Any:
         return CIFAR100(root=str(root), train=train, download=True)
     except urllib.error.URLError as exc:
         reason = getattr(exc, "reason", exc)
-        raise PipelineError(f"cifar100: downloading {CIFAR100.url} failed ({reason}); no network? {local_copy}") from None
+        raise PipelineError(
+            f"cifar100: downloading {CIFAR100.url} failed ({reason}); no network? {local_copy}"
+        ) from None
     except RuntimeError as exc:
         # torchvision's wording for a checksum mismatch of the archive or an extracted file
         raise PipelineError(
@@ -398,7 +404,8 @@ def _cifar_split(data: DataParams, split: str, workers: int) -> SplitSource:
     height, width = images.shape[1:3]
 
     def encode(position: int) -> Record:
-        return Record(position, labels[position], encode_png(images[position]), (height, width), f"cifar100 {split}[{position}]")
+        png = encode_png(images[position])
+        return Record(position, labels[position], png, (height, width), f"cifar100 {split}[{position}]")
 
     description = {"kind": "cifar100", "url": CIFAR100.url, "md5": CIFAR100.tgz_md5, "cache": str(root)}
     return SplitSource(list(dataset.classes), description, _map_ordered(encode, keep, workers), len(keep))
@@ -419,7 +426,14 @@ def open_source(data: DataParams, split: str, workers: int | None = None) -> Spl
     raise ValueError(f"unknown data source {data.source!r}")
 
 
-def dataset_schema(class_names: Sequence[str], source: dict[str, Any], split: str, image_size: tuple[int, int], max_per_class: int | None) -> pa.Schema:
+def dataset_schema(
+    class_names: Sequence[str],
+    source: dict[str, Any],
+    split: str,
+    image_size: tuple[int, int],
+    max_per_class: int | None,
+) -> pa.Schema:
+    """The data set's Arrow schema with its JSON metadata."""
     meta = {
         "class_names": list(class_names),
         "source": source,
@@ -544,8 +558,10 @@ def load_images(path: Path | str, num_workers: int = 0) -> ImageSet:
     def decode(row: int) -> None:
         try:
             pixels = decode_png(blobs[row])
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: image in row {row} cannot be decoded ({exc}); rerun `pipeline download`") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise PipelineError(
+                f"{path}: image in row {row} cannot be decoded ({exc}); rerun `pipeline download`"
+            ) from None
         if pixels.shape != (height, width, 3):
             raise PipelineError(
                 f"{path}: image in row {row} is {pixels.shape[0]}x{pixels.shape[1]}, metadata says "

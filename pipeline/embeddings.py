@@ -4,7 +4,7 @@ Layout of data/embeddings/{train,test}.parquet (written by the `extract` stage):
 
 | column        | type                              | meaning                                    |
 |---------------|-----------------------------------|--------------------------------------------|
-| index         | int64                             | row of the image in data/dataset/<split>   |
+| index         | int64                             | the image's `index` in data/dataset/<split> (its position in the source split) |
 | label         | int32                             | true class                                 |
 | prediction    | int32                             | the gated model's eval-mode prediction      |
 | correct       | bool                              | prediction == label                        |
@@ -19,6 +19,7 @@ Schema metadata (JSON values): `model_hash`, `layer` (index of the final block),
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,19 @@ class EmbeddingTable:
         return float(self.gates.float().mean())
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Zero-copy views of Arrow buffers are read-only; torch warns about that on every call.
+    # The tables are treated as immutable, so the view is shared rather than copied.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def read_embeddings(path: Path | str) -> EmbeddingTable:
-    """Read an embeddings file; a missing, truncated or mismatched file is a clear PipelineError."""
+    """Read an embeddings file; a missing, truncated or mismatched file is a clear PipelineError.
+
+    `x` shares memory with the Arrow buffers when Arrow allows (no copy): treat it as read-only.
+    """
     table, meta = read_table(path, REQUIRED_COLUMNS)
     for key in ("dim", "num_heads", "class_names", "layer"):
         if key not in meta:
@@ -117,11 +129,11 @@ def read_embeddings(path: Path | str) -> EmbeddingTable:
     if x.shape[0] == 0:
         raise PipelineError(f"{path}: holds no rows")
     return EmbeddingTable(
-        x=torch.from_numpy(x),
-        labels=torch.from_numpy(table.column("label").to_numpy().astype(np.int64)),
-        predictions=torch.from_numpy(table.column("prediction").to_numpy().astype(np.int64)),
-        gate_logits=torch.from_numpy(fixed_list_to_numpy(table.column("gate_logits"))),
-        gates=torch.from_numpy(fixed_list_to_numpy(table.column("gates")).astype(bool)),
-        index=torch.from_numpy(table.column("index").to_numpy()),
+        x=_tensor(x),
+        labels=_tensor(table.column("label").to_numpy().astype(np.int64)),
+        predictions=_tensor(table.column("prediction").to_numpy().astype(np.int64)),
+        gate_logits=_tensor(fixed_list_to_numpy(table.column("gate_logits"))),
+        gates=_tensor(fixed_list_to_numpy(table.column("gates")).astype(bool)),
+        index=_tensor(table.column("index").to_numpy()),
         meta=meta,
     )

@@ -117,7 +117,6 @@ def parquet_writer(path: Path | str, schema: pa.Schema) -> pq.ParquetWriter:
         compression="zstd",
         write_statistics=False,
         store_schema=True,
-        created_by="sae-head-steering",
     )
 
 

@@ -106,3 +106,70 @@ def frequency_histogram(
         ax.set_ylabel("latents (log scale)")
         ax.set_title(f"{title}\n{alive.size} alive, {dead} dead of {f.size}")
         save_figure(fig, path)
+
+
+STRATEGY_STYLE = {"per_class": ("tab:green", "o"), "global": ("tab:blue", "s"), "random": ("tab:gray", "^")}
+
+
+def steering_curves(curves: dict[str, dict[str, list[float]]], path: Path | str) -> None:
+    """Accuracy and final-block head usage vs alpha, one line per strategy (the paper's
+    Figures 2 and 3, side by side). `curves[strategy]` holds lists `alpha`, `accuracy`,
+    `head_usage`."""
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(10.0, 4.0)
+        axes = fig.subplots(1, 2)
+        for strategy, curve in curves.items():
+            colour, marker = STRATEGY_STYLE.get(strategy, ("black", "x"))
+            for ax, key in zip(axes, ("accuracy", "head_usage")):
+                ax.plot(curve["alpha"], curve[key], marker=marker, color=colour, label=strategy)
+        for ax, label in zip(axes, ("test accuracy", "final-block head usage")):
+            ax.axvline(0.0, color="black", linewidth=0.6, linestyle=":")
+            ax.set_xlabel("steering strength alpha")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} vs alpha")
+            ax.grid(alpha=0.3)
+        axes[1].set_ylim(-0.02, 1.02)
+        axes[0].legend()
+        save_figure(fig, path)
+
+
+def keep_rate_heatmap(
+    baseline: object, steered: object, class_names: Sequence[str], head_names: Sequence[str], path: Path | str
+) -> None:
+    """Class x head keep rates of the final block: unsteered and at each class's headline
+    alpha, side by side."""
+    before, after = _as_array(baseline), _as_array(steered)
+    n = len(class_names)
+    if before.shape != (n, len(head_names)) or after.shape != before.shape:
+        raise ValueError(f"keep-rate shapes {before.shape}, {after.shape} do not match {n} classes x {len(head_names)} heads")
+    height = float(np.clip(2.0 + 0.22 * n, 4.0, 24.0))
+    tick_size = float(np.clip(0.7 * 0.8 * height * 72 / max(n, 1), 4.0, 9.0))
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(3.0 + 0.9 * len(head_names), height)
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, data, title in zip(axes, (before, after), ("unsteered", "headline alpha")):
+            image = ax.imshow(data, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+            ax.set_xticks(np.arange(len(head_names)), labels=list(head_names))
+            ax.set_title(f"head keep rate, {title}")
+        axes[0].set_yticks(np.arange(n), labels=list(class_names), fontsize=tick_size)
+        fig.colorbar(image, ax=axes, shrink=0.8)
+        save_figure(fig, path)
+
+
+def usage_scatter(baseline: object, steered: object, class_names: Sequence[str], path: Path | str) -> None:
+    """Per-class final-block head usage, unsteered (x) vs at the headline alpha (y)."""
+    x, y = _as_array(baseline), _as_array(steered)
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(5.0, 5.0)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="gray", linewidth=0.8, linestyle="--")
+        ax.scatter(x, y, color="tab:green", s=18)
+        if len(class_names) <= 20:
+            for xi, yi, name in zip(x, y, class_names):
+                ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("head usage, unsteered")
+        ax.set_ylabel("head usage, per-class steering (headline alpha)")
+        ax.set_title("per-class final-block head usage")
+        save_figure(fig, path)

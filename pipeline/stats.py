@@ -139,7 +139,7 @@ def empty_stats(n_latents: int, n_classes: int) -> LatentStats:
 # --------------------------------------------------------------------------------- rankings
 def frequency_order(freq: Tensor) -> Tensor:
     """Latents by decreasing frequency along the last axis, ties by lower index (stable sort)."""
-    return torch.sort(freq, dim=-1, descending=True, stable=False).indices
+    return torch.sort(freq, dim=-1, descending=True, stable=True).indices
 
 
 def frequency_rank(freq: Tensor) -> Tensor:
