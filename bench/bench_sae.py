@@ -15,7 +15,8 @@ Fairness notes:
   and plain MSE (its AuxK variant, `--peer-loss auxk`, decodes half of all latents densely and is
   slower). FVU is scale-invariant, so both are compared on the same numbers.
 - Runs alternate (ours, peer, ours, peer, ...) and the table shows the median of `--repeats`,
-  because these 2-core machines are shared and noisy.
+  because these 2-core machines are shared and noisy. `--threads 1` keeps both libraries off
+  the second core, which another busy process makes every multi-threaded op wait for.
 """
 
 from __future__ import annotations
@@ -145,8 +146,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the median is reported")
     parser.add_argument("--peer-loss", choices=["mse", "auxk"], default="mse")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     x_train, x_test, name = load_embeddings(args)
     dim = x_train.shape[1]

@@ -67,6 +67,17 @@ def extract_split(
     model.eval().to(device)
     dim, heads = model.vit.embed_dim, model.num_heads
     schema = embedding_schema(dim, heads, list(extra_layers), meta)
+    # Arrow's default mimalloc pool keeps the pages of every freed batch next to torch's own
+    # allocations (RSS grew ~10 MB per 1000 images); the system allocator keeps it flat.
+    previous_pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        _write_batches(model, images, labels, index, config, out_path, schema, meta, batch_size, device, extra_layers)
+    finally:
+        pa.set_memory_pool(previous_pool)
+
+
+def _write_batches(model, images, labels, index, config, out_path, schema, meta, batch_size, device, extra_layers) -> None:
     with parquet_writer(out_path, schema) as writer:
         starts = range(0, len(images), batch_size)
         for start in progress(starts, desc=f"extract {meta.get('split', '')}", unit="batch"):

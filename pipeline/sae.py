@@ -9,12 +9,17 @@ method takes and returns RAW embeddings while `z` lives in the SAE's normalised 
 is linear plus a bias in raw space, which is what steering relies on:
 `x' = x + (decode(z') - decode(z))`.
 
-Speed: the only dense `n_latents x D` product per step is the encoder's forward (needed to
-choose the top k). Everything after the choice touches only the k active latents, forward and
-backward: decoding is an `embedding_bag` over the active decoder columns, and two small
-autograd functions (`_SelectedPreacts`, `_SparseDecode`) compute the encoder and decoder
-gradients as sparse-times-dense products. A dense autograd graph would instead spend five more
-`N x n_latents x D` products per step (encoder backward twice, decoder forward and backward).
+The model's methods are ordinary differentiable torch code. Training does not go through
+autograd: `_train_step` computes the loss and its gradients by hand, because then
+
+- the only dense `N x n_latents x D` product per step is the encoder's forward (needed to
+  choose the top k); decoding reads only the k active decoder columns (`embedding_bag`), and
+  every gradient is a sampled or sparse-times-dense product over the N x k active pairs.
+  Autograd through a dense decode would spend five such products per step;
+- every large buffer (pre-activations, weight gradients) is allocated once and reused: a fresh
+  `n_latents x D` buffer per step costs page faults that rival the arithmetic on the CPU.
+
+The hand-written gradients are checked against autograd in tests/test_sae.py.
 """
 
 from __future__ import annotations
@@ -43,10 +48,6 @@ GEOMEDIAN_SAMPLE = 4096
 """Rows of the training set used to initialise b_dec (the median barely moves beyond this)."""
 GEOMEDIAN_ITERS = 30
 
-# CSR tensors are "beta" in torch and warn on every construction; the layout we build is
-# checked by the tests (sorted, unique columns, exactly k per row).
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 
 class SAEOutput(NamedTuple):
     """What training, statistics and steering need from one forward pass (raw space)."""
@@ -58,94 +59,10 @@ class SAEOutput(NamedTuple):
     indices: Tensor
     """(N, k) int64 selected latents, ascending within each row."""
     pre_acts: Tensor
-    """(N, n_latents) ReLU'd pre-activations before the top-k choice (detached)."""
+    """(N, n_latents) ReLU'd pre-activations before the top-k choice."""
 
 
-# ------------------------------------------------------------------------- sparse primitives
-def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
-    """(N, n_cols) CSR matrix with `values[i, j]` at column `indices[i, j]`.
-
-    Every row holds exactly k entries, so the row pointers are 0, k, 2k, ...; columns must be
-    unique and ascending within a row (encode_topk guarantees it).
-    """
-    n, k = indices.shape
-    crow = torch.arange(0, n * k + 1, k, device=indices.device)
-    return torch.sparse_csr_tensor(
-        crow, indices.reshape(-1), values.reshape(-1), (n, n_cols), check_invariants=False
-    )
-
-
-def _sparse_t_matmul(indices: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> Tensor:
-    """S^T @ dense for S = _csr(indices, values): (n_rows, dense.shape[1]).
-
-    This is every weight gradient here: row j of the result sums the rows of `dense` of the
-    samples in which latent j is active.
-    """
-    n, k = indices.shape
-    samples = torch.arange(n, device=indices.device).repeat_interleave(k)
-    # (N, n_rows) COO, transposed: measured faster on the CPU than index_add of N k rows of D
-    # (which materialises an N k D temporary) or a CSR transpose.
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([samples, indices.reshape(-1)]), values.reshape(-1), (n, n_rows), check_invariants=False
-    )
-    return torch.sparse.mm(sparse.t(), dense)
-
-
-def _sampled_dot(indices: Tensor, a: Tensor, rows: Tensor) -> Tensor:
-    """out[i, j] = a[i] . rows[indices[i, j]] for (N, D) `a` and (L, D) `rows`: (N, k)."""
-    pattern = _csr(indices, torch.zeros(indices.shape, dtype=a.dtype, device=a.device), rows.shape[0])
-    # sampled_addmm computes a @ rows^T only at the pattern's entries (an SDDMM).
-    out = torch.sparse.sampled_addmm(pattern, a, rows.T, beta=0.0)
-    return out.values().reshape(indices.shape)
-
-
-class _SelectedPreacts(torch.autograd.Function):
-    """Values of the selected pre-activations with a sparse backward.
-
-    Forward: relu(xc . W_enc[j] + b_enc[j]) at the selected (i, j), read from the already
-    computed dense pre-activations. Backward touches only those entries, so W_enc's gradient
-    costs N k D instead of N n_latents D.
-    """
-
-    @staticmethod
-    def forward(ctx, xc: Tensor, w_enc: Tensor, b_enc: Tensor, indices: Tensor, selected: Tensor) -> Tensor:
-        ctx.save_for_backward(xc, w_enc, indices, selected)
-        return selected.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        xc, w_enc, indices, selected = ctx.saved_tensors
-        grad = grad * (selected > 0)  # ReLU
-        grad_xc = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_xc = _csr(indices, grad, w_enc.shape[0]) @ w_enc
-        if ctx.needs_input_grad[1]:
-            grad_w = _sparse_t_matmul(indices, grad, w_enc.shape[0], xc)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(w_enc.shape[0], dtype=grad.dtype, device=grad.device)
-            grad_b.index_add_(0, indices.reshape(-1), grad.reshape(-1))
-        return grad_xc, grad_w, grad_b, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """sum_j values[i, j] * dec_rows[indices[i, j]] with a sparse backward (no bias)."""
-
-    @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, dec_rows: Tensor) -> Tensor:
-        ctx.save_for_backward(values, indices, dec_rows)
-        return F.embedding_bag(indices, dec_rows, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        values, indices, dec_rows = ctx.saved_tensors
-        grad_values = grad_rows = None
-        if ctx.needs_input_grad[0]:
-            grad_values = _sampled_dot(indices, grad.contiguous(), dec_rows)
-        if ctx.needs_input_grad[2]:
-            grad_rows = _sparse_t_matmul(indices, values, dec_rows.shape[0], grad)
-        return grad_values, None, grad_rows
-
-
+# ---------------------------------------------------------------------------------- top-k
 def topk_lowest_index(pre: Tensor, k: int) -> Tensor:
     """Indices (N, k) of the k largest entries per row, ascending; ties go to the lowest index.
 
@@ -173,23 +90,7 @@ def topk_lowest_index(pre: Tensor, k: int) -> Tensor:
         return indices.sort(dim=1).values
 
 
-@torch.no_grad()
-def normalize_rows_(rows: Tensor) -> None:
-    """Unit-norm rows, in place."""
-    rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-@torch.no_grad()
-def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
-    """grad_j -= (grad_j . w_j) w_j for unit-norm rows w_j, in place.
-
-    With unit-norm decoder columns that component would only change their norm, which the
-    renormalisation after the step undoes anyway; removing it keeps Adam's moments clean.
-    """
-    grad.addcmul_(rows, torch.linalg.vecdot(grad, rows).unsqueeze(1), value=-1.0)
-
-
-# ---------------------------------------------------------------------------------- the model
+# ------------------------------------------------------------------------------ the model
 class TopKSAE(nn.Module):
     """TopK SAE D -> n_latents with unit-norm decoder columns; public methods use raw space."""
 
@@ -209,7 +110,6 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(dim))
         self.reset_parameters()
 
-    # -- initialisation and the unit-norm constraint
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random unit-norm decoder columns, W_enc = W_dec^T, zero biases."""
@@ -222,35 +122,17 @@ class TopKSAE(nn.Module):
 
     def normalize_decoder_(self) -> None:
         """Rescale every decoder column to unit norm (in place, keeping the memory layout)."""
-        normalize_rows_(self.W_dec.T)  # the contiguous (n_latents, dim) view
+        normalize_rows_(self.W_dec.T)
 
     def remove_parallel_grad_(self) -> None:
         """Drop the component of each decoder column's gradient along the column."""
         if self.W_dec.grad is not None:
             remove_parallel_(self.W_dec.grad.T, self.W_dec.T)
 
-    def _dec_rows(self) -> Tensor:
-        """W_dec^T as (n_latents, dim) contiguous rows (a view unless the layout was changed)."""
+    def dec_rows(self) -> Tensor:
+        """W_dec^T: the decoder columns as (n_latents, dim) rows (a view, contiguous)."""
         rows = self.W_dec.T
         return rows if rows.is_contiguous() else rows.contiguous()
-
-    # -- normalised-space internals (what training uses)
-    def _scaled_forward(
-        self, xs: Tensor, dec_rows: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(x_hat_s, values, indices, pre_acts, xc) for inputs already multiplied by input_scale.
-
-        `dec_rows` replaces W_dec^T (training passes a leaf alias of the same memory).
-        """
-        dec_rows = self._dec_rows() if dec_rows is None else dec_rows
-        xc = xs - self.b_dec
-        with torch.no_grad():
-            pre = F.linear(xc, self.W_enc, self.b_enc).relu_()
-            indices = topk_lowest_index(pre, self.k)
-            selected = pre.gather(1, indices)
-        values = _SelectedPreacts.apply(xc, self.W_enc, self.b_enc, indices, selected)
-        x_hat = _SparseDecode.apply(values, indices, dec_rows) + self.b_dec
-        return x_hat, values, indices, pre, xc
 
     # -- public API, raw space
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -266,21 +148,23 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes (N, n_latents): the k entries of encode_topk, zeros elsewhere."""
         values, indices = self.encode_topk(x)
-        return torch.zeros(x.shape[0], self.n_latents, dtype=values.dtype, device=values.device).scatter(
-            1, indices, values
-        )
+        dense = torch.zeros(x.shape[0], self.n_latents, dtype=values.dtype, device=values.device)
+        return dense.scatter(1, indices, values)
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense codes (N, n_latents) -> raw-space reconstruction (N, D)."""
         return (z @ self.W_dec.T + self.b_dec) / self.input_scale
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Same as decode(encode-like z) but reading only the k active decoder columns."""
-        return (_SparseDecode.apply(values, indices, self._dec_rows()) + self.b_dec) / self.input_scale
+        """decode() of the codes given as (values, indices), reading only those columns."""
+        decoded = F.embedding_bag(indices, self.dec_rows(), per_sample_weights=values, mode="sum")
+        return (decoded + self.b_dec) / self.input_scale
 
     def forward(self, x: Tensor) -> SAEOutput:
-        x_hat, values, indices, pre, _ = self._scaled_forward(x * self.input_scale)
-        return SAEOutput(x_hat / self.input_scale, values, indices, pre)
+        pre = self.pre_activations(x)
+        indices = topk_lowest_index(pre, self.k)
+        values = pre.gather(1, indices)
+        return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -291,6 +175,22 @@ class TopKSAE(nn.Module):
             "k": self.k,
             "input_scale": self.input_scale,
         }
+
+
+@torch.no_grad()
+def normalize_rows_(rows: Tensor) -> None:
+    """Unit-norm rows, in place."""
+    rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
+    """grad_j -= (grad_j . w_j) w_j for unit-norm rows w_j, in place.
+
+    With unit-norm decoder columns that component would only change their norm, which the
+    renormalisation after the step undoes anyway; removing it keeps Adam's moments clean.
+    """
+    grad.addcmul_(rows, torch.linalg.vecdot(grad, rows).unsqueeze(1), value=-1.0)
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -329,7 +229,7 @@ def load_sae(directory: Path | str) -> TopKSAE:
     return sae
 
 
-# -------------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Raw-space mse (mean over samples and dims), fvu, mean l0, dead_fraction on `x`.
@@ -358,7 +258,144 @@ def evaluate_sae(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> dict[str, f
     }
 
 
-# --------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------- training: sparse gradients
+def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """(N, n_cols) CSR matrix with `values[i, j]` at column `indices[i, j]`.
+
+    Every row holds exactly k entries, so the row pointers are 0, k, 2k, ...; columns must be
+    unique and ascending within a row (topk_lowest_index guarantees it).
+    """
+    n, k = indices.shape
+    crow = torch.arange(0, n * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():  # torch flags CSR support as "beta" on first use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), values.reshape(-1), (n, n_cols), check_invariants=False
+        )
+
+
+def _sampled_dot(indices: Tensor, a: Tensor, rows: Tensor) -> Tensor:
+    """out[i, j] = a[i] . rows[indices[i, j]] for (N, D) `a` and (L, D) `rows`: (N, k)."""
+    pattern = _csr(indices, torch.zeros(indices.shape, dtype=a.dtype, device=a.device), rows.shape[0])
+    # sampled_addmm computes a @ rows^T only at the pattern's entries (an SDDMM)
+    return torch.sparse.sampled_addmm(pattern, a, rows.T, beta=0.0).values().reshape(indices.shape)
+
+
+class _LatentMajor:
+    """The (N, k) selection as a coalesced (L, N) COO matrix S^T, for `out += S^T @ dense`.
+
+    Row j of S^T @ dense sums the rows of `dense` of the samples in which latent j is active,
+    weighted: every weight gradient is one such product. Sorting the pattern once serves both
+    the encoder and the decoder gradient (measured on the CPU: faster than index_add of N k
+    rows, which materialises an N x k x D temporary, or than a CSR transpose).
+    """
+
+    def __init__(self, indices: Tensor, n_latents: int):
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)  # latent-major; samples stay ascending
+        self.coords = torch.stack([flat[self.order], torch.div(self.order, k, rounding_mode="floor")])
+        self.shape = (n_latents, n)
+
+    def accumulate(self, out: Tensor, values: Tensor, dense: Tensor) -> None:
+        weights = values.reshape(-1)[self.order]
+        sparse = torch.sparse_coo_tensor(self.coords, weights, self.shape, is_coalesced=True, check_invariants=False)
+        out.addmm_(sparse, dense)  # in place: no fresh (L, D) buffer, no zero fill
+
+
+class _Grads(NamedTuple):
+    """Gradient buffers, allocated once; rows is the (n_latents, dim) view of W_dec's."""
+
+    w_enc: Tensor
+    b_enc: Tensor
+    rows: Tensor
+    b_dec: Tensor
+
+
+def _backprop_codes(grad_out: Tensor, xc: Tensor, sae: TopKSAE, rows: Tensor,
+                    indices: Tensor, values: Tensor, grads: _Grads) -> Tensor:
+    """Backward of out = sum_j values[:, j] rows[indices[:, j]], values = relu(xc W_enc^T + b_enc)
+    at the selected pairs. Adds the weight gradients into `grads` (the decoder's with its
+    component along each unit-norm row removed) and returns the gradient w.r.t. xc."""
+    n_latents = rows.shape[0]
+    flat = indices.reshape(-1)
+    pattern = _LatentMajor(indices, n_latents)
+    grad_values = _sampled_dot(indices, grad_out, rows)  # grad_out[i] . w_j
+
+    pattern.accumulate(grads.rows, values, grad_out)
+    # this term's (grad_rows[j] . w_j) is sum_i values[i, j] grad_values[i, j]: already at hand
+    along = torch.zeros(n_latents, dtype=rows.dtype, device=rows.device)
+    along.index_add_(0, flat, (values * grad_values).reshape(-1))
+    grads.rows.addcmul_(rows, along.unsqueeze(1), value=-1.0)
+
+    grad_pre = grad_values * (values > 0)  # through the ReLU
+    pattern.accumulate(grads.w_enc, grad_pre, xc)
+    grads.b_enc.index_add_(0, flat, grad_pre.reshape(-1))
+    return _csr(indices, grad_pre, n_latents) @ sae.W_enc
+
+
+def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """mse(x_hat, x) / mse(mean x, x): OpenAI's loss, a batch estimate of the FVU."""
+    return (x_hat - x).square().sum() / (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
+
+
+def _nmse_and_grad(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """normalized_mse and its gradient w.r.t. x_hat (the target is a constant)."""
+    denominator = (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
+    error = x_hat - x
+    return error.square().sum() / denominator, error * (2.0 / denominator)
+
+
+def dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the top min(k_aux, #dead) pre-activations among dead latents."""
+    dead_ids = dead.nonzero().squeeze(1)
+    sub = pre[:, dead_ids]  # only the dead columns: usually few
+    if dead_ids.numel() > k_aux:
+        sub_values, picked = sub.topk(k_aux, dim=1, sorted=False)
+        indices, order = dead_ids[picked].sort(dim=1)
+        return sub_values.gather(1, order), indices
+    return sub, dead_ids.expand(pre.shape[0], -1).contiguous()
+
+
+class _StepResult(NamedTuple):
+    loss: Tensor
+    aux_loss: Tensor
+    x_hat: Tensor
+    values: Tensor
+    indices: Tensor
+
+
+@torch.no_grad()
+def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int, aux_coef: float,
+                grads: _Grads, pre_buffer: Tensor) -> _StepResult:
+    """Forward and backward of normalized_mse + aux_coef * AuxK on one scaled batch.
+
+    Fills `grads` (zeroed here); `rows` is the (n_latents, dim) decoder. AuxK (OpenAI's):
+    reconstruct the residual x - x_hat (a constant target) from the top k_aux dead latents.
+    """
+    for grad in grads:
+        grad.zero_()
+    xc = xb - sae.b_dec
+    pre = torch.addmm(sae.b_enc, xc, sae.W_enc.T, out=pre_buffer[: xb.shape[0]]).relu_()
+    indices = topk_lowest_index(pre, sae.k)
+    values = pre.gather(1, indices)
+    x_hat = F.embedding_bag(indices, rows, per_sample_weights=values, mode="sum") + sae.b_dec
+
+    loss, grad_x_hat = _nmse_and_grad(x_hat, xb)
+    grads.b_dec.add_(grad_x_hat.sum(dim=0))
+    grad_xc = _backprop_codes(grad_x_hat, xc, sae, rows, indices, values, grads)
+
+    aux = torch.zeros((), dtype=xb.dtype, device=xb.device)
+    if aux_coef > 0 and bool(dead.any()):
+        aux_values, aux_indices = dead_topk(pre, dead, k_aux)
+        e_hat = F.embedding_bag(aux_indices, rows, per_sample_weights=aux_values, mode="sum")
+        aux, grad_e_hat = _nmse_and_grad(e_hat, xb - x_hat)
+        grad_xc += _backprop_codes(aux_coef * grad_e_hat, xc, sae, rows, aux_indices, aux_values, grads)
+    grads.b_dec.sub_(grad_xc.sum(dim=0))  # xc = x - b_dec
+    return _StepResult(loss + aux_coef * aux, aux, x_hat, values, indices)
+
+
+# ------------------------------------------------------------------------ training: the loop
 def resolve_n_latents(params: SaeParams, dim: int) -> int:
     """Number of latents for embeddings of width `dim`; a k or k_aux that does not fit is a ParamsError."""
     n_latents = params.n_latents if params.n_latents is not None else params.expansion * dim
@@ -383,37 +420,11 @@ def geometric_median(x: Tensor, iters: int = GEOMEDIAN_ITERS, eps: float = 1e-6)
     sq_norms = x.square().sum(dim=1)
     y = x.mean(dim=0)
     for _ in range(iters):
-        # ||x_i - y||^2 by two matrix-vector products: no (N, D) temporary per iteration
+        # ||x_i - y||^2 by a matrix-vector product: no (N, D) temporary per iteration
         sq_dist = (sq_norms - 2.0 * (x @ y) + y.square().sum()).clamp_min(eps * eps)
         weights = sq_dist.rsqrt()
         y = (weights @ x) / weights.sum()
     return y.float()
-
-
-def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """mse(x_hat, x) / mse(mean x, x): OpenAI's loss, a batch estimate of the FVU."""
-    return (x_hat - x).square().sum() / (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
-
-
-def auxk_loss(
-    sae: TopKSAE, xc: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, k_aux: int, dec_rows: Tensor | None = None
-) -> Tensor:
-    """Reconstruct the detached residual from the top `k_aux` dead latents (OpenAI's AuxK).
-
-    Zero when no latent is dead. `pre` are the batch's ReLU'd pre-activations, `xc` the
-    centred scaled inputs they came from, `dead` a (n_latents,) bool mask.
-    """
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return xc.new_zeros(())
-    k = min(k_aux, n_dead)
-    with torch.no_grad():
-        # pre >= 0, so -1 keeps every live latent out of the choice
-        indices = pre.masked_fill(~dead, -1.0).topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        selected = pre.gather(1, indices)
-    values = _SelectedPreacts.apply(xc, sae.W_enc, sae.b_enc, indices, selected)
-    e_hat = _SparseDecode.apply(values, indices, sae._dec_rows() if dec_rows is None else dec_rows)
-    return normalized_mse(e_hat, residual)
 
 
 class _DeadTracker:
@@ -434,39 +445,54 @@ class _DeadTracker:
         return fired
 
 
+def _new_sae(x_train: Tensor, params: SaeParams, generator: torch.Generator) -> TopKSAE:
+    n, dim = x_train.shape
+    scale = input_scale_for(x_train) if params.normalize_input else 1.0
+    sae = TopKSAE(dim, resolve_n_latents(params, dim), params.k, input_scale=scale)
+    sae.reset_parameters(generator)
+    sample = x_train[torch.randperm(n, generator=generator)[:GEOMEDIAN_SAMPLE]].to(torch.float32) * scale
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample) if params.b_dec_init == "geometric_median" else sample.mean(dim=0))
+    return sae
+
+
 def train_sae(
     x_train: Tensor,
     params: SaeParams,
     device: torch.device | str,
     x_eval: Tensor | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    init: TopKSAE | None = None,
 ) -> tuple[TopKSAE, list[dict[str, Any]]]:
     """Train a TopK SAE on (N, D) raw embeddings; return it (in eval mode) and per-epoch rows.
 
     Each row: epoch, loss (mean total loss), aux_loss, train_fvu (running estimate over the
     epoch's batches, before each step), test_fvu (on `x_eval`, None without it), l0,
     dead_fraction (latents that did not fire during the epoch), samples_per_s.
+
+    `init` continues training that SAE in place (its k, width, input_scale and b_dec are
+    kept; `params` then only sets the schedule) instead of initialising a new one.
     """
     device = torch.device(device)
     n, dim = x_train.shape
-    n_latents = resolve_n_latents(params, dim)
     generator = torch.Generator().manual_seed(params.seed)
-    scale = input_scale_for(x_train) if params.normalize_input else 1.0
-
-    sae = TopKSAE(dim, n_latents, params.k, input_scale=scale)
-    sae.reset_parameters(generator)
-    xs = x_train.to(torch.float32) * scale
-    sample = xs[torch.randperm(n, generator=generator)[:GEOMEDIAN_SAMPLE]]
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample) if params.b_dec_init == "geometric_median" else sample.mean(dim=0))
+    sae = _new_sae(x_train, params, generator) if init is None else init
+    if sae.dim != dim:
+        raise ValueError(f"init SAE has dim {sae.dim}, the embeddings {dim}")
     sae.to(device)
-    xs = xs.to(device)
-    # W_dec is stored transposed; Adam's fused kernel would copy that non-contiguous tensor to
-    # and fro on every step, so the loop optimises a contiguous leaf alias of the same memory.
-    dec_rows = nn.Parameter(sae.W_dec.data.T)
+    xs = x_train.to(device, torch.float32) * sae.input_scale
+    n_latents, batch_size = sae.n_latents, min(params.batch_size, n)
 
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam([sae.W_enc, sae.b_enc, dec_rows, sae.b_dec], lr=params.lr, fused=fused)
+    # The decoder is optimised through W_dec's contiguous (n_latents, dim) view, as a leaf of
+    # its own: Adam's fused kernel would copy the transposed W_dec to and fro on every step.
+    rows = nn.Parameter(sae.W_dec.data.T)
+    weights = (sae.W_enc, sae.b_enc, rows, sae.b_dec)
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    grads = _Grads(*(w.grad for w in weights))
+    pre_buffer = torch.empty(batch_size, n_latents, device=device)
+    optimizer = torch.optim.Adam(weights, lr=params.lr, fused=device.type in ("cpu", "cuda"))
     k_aux = params.k_aux if params.k_aux is not None else max(dim // 2, 1)
     tracker = _DeadTracker(n_latents, params.dead_window or n, device)
     total_dev = float(xs.var(dim=0, unbiased=False).double().sum()) * n
@@ -474,48 +500,37 @@ def train_sae(
     history: list[dict[str, Any]] = []
     step = 0
     for epoch in progress(range(1, params.epochs + 1), desc="train_sae", unit="epoch"):
-        sae.train()
         start_time = time.perf_counter()
         perm = torch.randperm(n, generator=generator).to(device)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, sq_err, active
         fired_epoch = torch.zeros(n_latents, dtype=torch.bool, device=device)
         n_batches = 0
-        for begin in range(0, n, params.batch_size):
-            xb = xs[perm[begin : begin + params.batch_size]]
+        for begin in range(0, n, batch_size):
+            xb = xs[perm[begin : begin + batch_size]]
             lr = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            x_hat, values, indices, pre, xc = sae._scaled_forward(xb, dec_rows)
-            loss = normalized_mse(x_hat, xb)
-            aux = xb.new_zeros(())
-            if params.aux_coef > 0:
-                aux = auxk_loss(sae, xc, pre, (xb - x_hat).detach(), tracker.dead(), k_aux, dec_rows)
-            total = loss + params.aux_coef * aux
-
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            remove_parallel_(dec_rows.grad, dec_rows)
+            result = _train_step(sae, rows, xb, tracker.dead(), k_aux, params.aux_coef, grads, pre_buffer)
             optimizer.step()
-            normalize_rows_(dec_rows)
+            normalize_rows_(rows)
 
             with torch.no_grad():
-                fired_epoch |= tracker.update(values, indices)
-                sums += torch.stack(
-                    [total.double(), aux.double(), (xb - x_hat).double().square().sum(), (values > 0).sum().double()]
-                )
+                fired_epoch |= tracker.update(result.values, result.indices)
+                sq_err = (xb - result.x_hat).double().square().sum()
+                active = (result.values > 0).sum().double()
+                sums += torch.stack([result.loss.double(), result.aux_loss.double(), sq_err, active])
             n_batches += 1
             step += 1
 
         elapsed = time.perf_counter() - start_time
-        loss_sum, aux_sum, sq_err, active = sums.tolist()
+        loss_sum, aux_sum, sq_err_sum, active_sum = sums.tolist()
         row = {
             "epoch": epoch,
             "loss": loss_sum / n_batches,
             "aux_loss": aux_sum / n_batches,
-            "train_fvu": sq_err / total_dev,
-            "test_fvu": evaluate_sae(sae.eval(), x_eval)["fvu"] if x_eval is not None else None,
-            "l0": active / n,
+            "train_fvu": sq_err_sum / total_dev,
+            "test_fvu": evaluate_sae(sae, x_eval)["fvu"] if x_eval is not None else None,
+            "l0": active_sum / n,
             "dead_fraction": 1.0 - float(fired_epoch.sum()) / n_latents,
             "samples_per_s": n / elapsed,
         }
@@ -523,4 +538,6 @@ def train_sae(
         log.debug("epoch %d: %s", epoch, row)
         if on_epoch is not None:
             on_epoch(row)
+    for w in weights:
+        w.grad = None
     return sae.eval(), history

@@ -1,0 +1,404 @@
+"""TopK SAE: selection, unit-norm constraint, gradients, AuxK, save/load, determinism,
+dictionary recovery, and the `train_sae` stage on tiny embeddings files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.io import PipelineError
+from pipeline.params import ParamsError, SaeParams
+from pipeline.sae import (
+    TopKSAE,
+    auxk_loss,
+    evaluate_sae,
+    geometric_median,
+    input_scale_for,
+    load_sae,
+    normalize_rows_,
+    remove_parallel_,
+    save_sae,
+    topk_lowest_index,
+    train_sae,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and, on a shared 2-core
+    machine, long waits). Restored afterwards; the determinism test checks the default too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def dictionary_data(n: int, dim: int, n_atoms: int, active: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = non-negative combinations of `active` atoms of a random unit-norm dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, dim, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    chosen = torch.rand(n, n_atoms, generator=g).argsort(dim=1)[:, :active]
+    coef = torch.rand(n, active, generator=g) * 1.5 + 0.5
+    z = torch.zeros(n, n_atoms).scatter_(1, chosen, coef)
+    return z @ atoms, atoms
+
+
+def small_sae(dim: int = 8, n_latents: int = 24, k: int = 4, scale: float = 1.0, seed: int = 0) -> TopKSAE:
+    sae = TopKSAE(dim, n_latents, k, input_scale=scale)
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(seed + 1))
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(seed + 2))
+    return sae
+
+
+def params(**overrides) -> SaeParams:
+    base = dict(n_latents=32, k=4, epochs=3, batch_size=64, lr=3e-3, warmup_steps=5, device="cpu")
+    return SaeParams(**{**base, **overrides})
+
+
+# --------------------------------------------------------------------------------- selection
+def test_topk_ties_go_to_lowest_index():
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randint(0, 4, (200, 30), generator=g).float()  # heavy ties at every level
+    for k in (1, 5, 12, 29, 30):
+        got = topk_lowest_index(pre, k)
+        # reference: stable descending sort keeps the lower index first among equals
+        want = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        assert torch.equal(got, want), k
+
+
+def test_exactly_k_nonzeros_per_sample_with_tied_latents():
+    sae = TopKSAE(dim=6, n_latents=20, k=5)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.ones(20, 6) / 6**0.5)  # every latent sees the same pre-activation
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.ones(7, 6)  # constant rows: all 20 pre-activations equal and positive
+    values, indices = sae.encode_topk(x)
+    assert torch.equal(indices, torch.arange(5).expand(7, 5))
+    assert values.shape == (7, 5) and bool((values > 0).all())
+    z = sae.encode(x)
+    assert torch.equal((z != 0).sum(dim=1), torch.full((7,), 5))
+
+
+def test_fewer_positive_than_k_keeps_k_slots_and_lowest_zero_indices():
+    sae = TopKSAE(dim=4, n_latents=10, k=4)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[7, 0] = 1.0  # only latents 7 and 9 can be positive
+        sae.W_enc[9, 1] = 1.0
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    values, indices = sae.encode_topk(torch.tensor([[2.0, 3.0, 0.0, 0.0]]))
+    assert indices.tolist() == [[0, 1, 7, 9]]
+    assert values.tolist() == [[0.0, 0.0, 2.0, 3.0]]
+    assert int((sae.encode(torch.tensor([[2.0, 3.0, 0.0, 0.0]])) > 0).sum()) == 2
+
+
+# ------------------------------------------------------------------------------ model maths
+def test_raw_space_encode_decode_match_the_formula():
+    sae = small_sae(scale=0.37)
+    x = torch.randn(9, 8)
+    pre = torch.relu((0.37 * x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    assert torch.allclose(sae.pre_activations(x), pre, atol=1e-6)
+    z = sae.encode(x)
+    expected = torch.zeros_like(pre)
+    top = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, : sae.k]
+    expected.scatter_(1, top, pre.gather(1, top))
+    assert torch.allclose(z, expected, atol=1e-6)
+    assert torch.allclose(sae.decode(z), (z @ sae.W_dec.T + sae.b_dec) / 0.37, atol=1e-5)
+    # linear plus bias in raw space: what steering's x + dec(z') - dec(z) relies on
+    z2 = z * 2.0
+    assert torch.allclose(sae.decode(z2) - sae.decode(z), z @ sae.W_dec.T / 0.37, atol=1e-5)
+
+
+def test_sparse_decode_equals_dense_decode():
+    sae = small_sae(dim=16, n_latents=64, k=6, scale=2.5)
+    x = torch.randn(50, 16)
+    values, indices = sae.encode_topk(x)
+    dense = sae.decode(sae.encode(x))
+    assert torch.allclose(sae.decode_sparse(values, indices), dense, atol=1e-5)
+    assert torch.allclose(sae(x).x_hat, dense, atol=1e-5)
+    out = sae(x)
+    assert torch.equal(out.indices, indices) and torch.allclose(out.values, values)
+    assert out.pre_acts.shape == (50, 64)
+
+
+def test_sparse_backward_matches_dense_autograd():
+    """The hand-written sparse backward equals autograd through the dense formulation."""
+    torch.manual_seed(0)
+    sae = small_sae(dim=8, n_latents=24, k=5, scale=1.3).double()
+    x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(12, 8, dtype=torch.float64)
+
+    (sae(x).x_hat - target).square().sum().backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": x.grad.clone()}
+
+    sae.zero_grad()
+    x.grad = None
+    pre = sae.pre_activations(x)
+    top = topk_lowest_index(pre.detach(), sae.k)
+    z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top))
+    (sae.decode(z) - target).square().sum().backward()
+    dense = {n: p.grad for n, p in sae.named_parameters()} | {"x": x.grad}
+    for name in dense:
+        assert torch.allclose(sparse[name], dense[name], atol=1e-10), name
+
+
+def test_decoder_gradient_projection_removes_the_parallel_component():
+    sae = small_sae(dim=8, n_latents=24, k=5).double()
+    xs = torch.randn(32, 8, dtype=torch.float64)
+    target = torch.randn(32, 8, dtype=torch.float64)
+    rows = torch.nn.Parameter(sae.W_dec.data.T)
+    normalize_rows_(rows)  # exactly unit norm in float64, as the projection assumes
+
+    x_hat = sae._scaled_forward(xs, rows, project=False)[0]
+    (x_hat - target).square().sum().backward()
+    true_grad = rows.grad.clone()
+    rows.grad = None
+    x_hat = sae._scaled_forward(xs, rows, project=True)[0]
+    (x_hat - target).square().sum().backward()
+
+    along = (rows.grad * rows.detach()).sum(dim=1)
+    assert along.abs().max() < 1e-10
+    assert (true_grad * rows.detach()).sum(dim=1).abs().max() > 1e-2  # there was something to remove
+    remove_parallel_(true_grad, rows.detach())
+    assert torch.allclose(rows.grad, true_grad, atol=1e-10)
+
+
+def test_init_and_unit_norm_decoder_columns_after_training():
+    x, _ = dictionary_data(600, 12, 24, 3, seed=0)
+    sae = TopKSAE(12, 32, 4)
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    assert torch.allclose(sae.W_enc, sae.W_dec.T)
+    assert torch.allclose(sae.W_dec.norm(dim=0), torch.ones(32), atol=1e-6)
+
+    trained, history = train_sae(x, params(n_latents=32, epochs=2, lr=1e-2), "cpu")
+    norms = trained.W_dec.norm(dim=0)
+    assert torch.allclose(norms, torch.ones(32), atol=1e-5)
+    assert not torch.allclose(trained.W_enc, trained.W_dec.T, atol=1e-3)  # it did train
+    assert history[-1]["train_fvu"] < history[0]["train_fvu"]
+
+
+def test_input_normalisation_and_geometric_median():
+    x = torch.randn(500, 10) * 7.0 + 3.0
+    scale = input_scale_for(x)
+    assert abs(float((x * scale).square().sum(dim=1).mean()) - 10.0) < 1e-3
+    sae, _ = train_sae(x, params(n_latents=16, epochs=1), "cpu")
+    assert sae.input_scale == pytest.approx(scale)
+
+    cluster = torch.randn(200, 3) * 0.05
+    outliers = torch.full((40, 3), 100.0)
+    median = geometric_median(torch.cat([cluster, outliers]))
+    assert float(median.norm()) < 0.5  # the mean sits near 16.7 per coordinate
+    assert float(torch.cat([cluster, outliers]).mean(0).norm()) > 20
+
+
+# -------------------------------------------------------------------------------------- AuxK
+def test_auxk_zero_without_dead_latents_and_positive_with_them():
+    sae = small_sae(dim=8, n_latents=24, k=3)
+    xs = torch.randn(40, 8)
+    x_hat, values, indices, pre, xc = sae._scaled_forward(xs)
+    residual = (xs - x_hat).detach()
+    none_dead = torch.zeros(24, dtype=torch.bool)
+    assert float(auxk_loss(sae, xc, pre, residual, none_dead, k_aux=4)) == 0.0
+
+    dead = torch.ones(24, dtype=torch.bool)
+    dead[indices.unique()] = False  # the latents this batch did not select
+    loss = auxk_loss(sae, xc, pre, residual, dead, k_aux=4)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    # only dead latents' encoder rows receive gradient from the auxiliary loss
+    touched = sae.W_enc.grad.abs().sum(dim=1) > 0
+    assert bool(touched.any()) and not bool(touched[~dead].any())
+
+
+def test_auxk_revives_dead_latents():
+    x, _ = dictionary_data(2000, 16, 32, 3, seed=0)
+    base = TopKSAE(16, 64, 3, input_scale=input_scale_for(x))
+    base.reset_parameters(torch.Generator().manual_seed(0))
+    killed = torch.arange(16)
+    with torch.no_grad():
+        base.W_enc[killed] *= 0.05  # these never win the top-k, so they get no gradient
+        base.b_dec.copy_(x.mean(dim=0) * base.input_scale)
+
+    alive = {}
+    for coef in (0.0, 1 / 32):
+        cfg = params(n_latents=64, k=3, epochs=4, batch_size=128, warmup_steps=1, aux_coef=coef, dead_window=512)
+        sae, history = train_sae(x, cfg, "cpu", init=copy.deepcopy(base))
+        values, indices = sae.encode_topk(x)
+        fired = torch.zeros(64, dtype=torch.bool)
+        fired[indices[values > 0]] = True
+        alive[coef] = int(fired[killed].sum())
+        if coef == 0.0:
+            assert all(row["aux_loss"] == 0.0 for row in history)
+        else:
+            assert history[0]["aux_loss"] > 0
+    assert alive[0.0] == 0
+    assert alive[1 / 32] >= 8
+
+
+def test_default_dead_window_is_one_epoch():
+    x, _ = dictionary_data(300, 8, 16, 2, seed=1)
+    _, history = train_sae(x, params(n_latents=64, k=2, epochs=3, batch_size=50), "cpu")
+    assert history[0]["aux_loss"] == 0.0  # nothing can be dead before a whole epoch went by
+    assert history[0]["dead_fraction"] > 0  # 64 latents for 16 atoms: some never fire
+    assert history[2]["aux_loss"] > 0
+
+
+# -------------------------------------------------------------------------- recovery (core)
+def test_recovers_the_generating_dictionary():
+    x, atoms = dictionary_data(3000, 32, 64, 4, seed=0)
+    cfg = params(n_latents=128, k=4, epochs=10, batch_size=128, lr=3e-3, warmup_steps=20, seed=0)
+    sae, history = train_sae(x, cfg, "cpu")
+    best_cos = (atoms @ sae.W_dec).max(dim=1).values  # columns are unit norm
+    assert float((best_cos > 0.9).float().mean()) >= 0.9
+    assert history[-1]["train_fvu"] < 0.2
+
+    untrained = TopKSAE(32, 128, 4)
+    untrained.reset_parameters(torch.Generator().manual_seed(123))  # not the atoms' seed
+    assert float(((atoms @ untrained.W_dec).max(dim=1).values > 0.9).float().mean()) < 0.1
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_evaluate_sae_matches_direct_computation():
+    sae = small_sae(dim=8, n_latents=24, k=3, scale=0.8)
+    x = torch.randn(70, 8) + 2.0
+    metrics = evaluate_sae(sae, x, batch_size=16)
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(x))
+        values, indices = sae.encode_topk(x)
+    fired = torch.zeros(24, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    assert metrics["mse"] == pytest.approx(float((x - x_hat).square().mean()), rel=1e-4)
+    fvu = float((x - x_hat).square().sum() / (x - x.mean(0)).square().sum())
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert metrics["l0"] == pytest.approx(float((values > 0).sum()) / 70)
+    assert metrics["dead_fraction"] == pytest.approx(1 - float(fired.sum()) / 24)
+
+
+# -------------------------------------------------------------------------------- save/load
+def test_save_load_round_trip(tmp_path: Path):
+    sae = small_sae(dim=8, n_latents=24, k=3, scale=1.7)
+    save_sae(tmp_path / "sae", sae, {"params": {"k": 999}, "model_hash": "abc", "layer": 3})
+    config = json.loads((tmp_path / "sae" / "config.json").read_text())
+    assert config["k"] == 3 and config["model_hash"] == "abc" and config["params"] == {"k": 999}
+
+    loaded = load_sae(tmp_path / "sae")
+    x = torch.randn(20, 8)
+    assert loaded.config() == sae.config()
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+
+
+def test_load_rejects_mismatched_files(tmp_path: Path):
+    save_sae(tmp_path / "sae", small_sae(), {})
+    config_path = tmp_path / "sae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "n_latents": 25}))
+    with pytest.raises(PipelineError, match="W_enc"):
+        load_sae(tmp_path / "sae")
+    config_path.write_text(json.dumps({**config, "format": "something_else"}))
+    with pytest.raises(PipelineError, match="not a TopK SAE"):
+        load_sae(tmp_path / "sae")
+    with pytest.raises(PipelineError, match="missing"):
+        load_sae(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------ determinism
+@pytest.mark.parametrize("default_threads", [False, True])
+def test_training_is_deterministic(default_threads: bool, one_thread: int):
+    if default_threads:
+        torch.set_num_threads(one_thread)
+    x, _ = dictionary_data(800, 16, 32, 3, seed=2)
+    cfg = params(n_latents=48, k=3, epochs=3, dead_window=200, seed=5)
+    runs = [train_sae(x, cfg, "cpu", x_eval=x[:100]) for _ in range(2)]
+    for name, tensor in runs[0][0].state_dict().items():
+        assert torch.equal(runs[1][0].state_dict()[name], tensor), name
+    strip = [[{k: v for k, v in row.items() if k != "samples_per_s"} for row in h] for _, h in runs]
+    assert strip[0] == strip[1]
+    other, _ = train_sae(x, params(n_latents=48, k=3, epochs=3, dead_window=200, seed=6), "cpu")
+    assert not torch.equal(other.W_dec, runs[0][0].W_dec)
+
+
+def test_k_larger_than_width_is_a_params_error():
+    with pytest.raises(ParamsError, match=r"sae\.k = 40"):
+        train_sae(torch.randn(10, 4), SaeParams(expansion=8, k=40, device="cpu"), "cpu")
+
+
+# ----------------------------------------------------------------------------------- stage
+def write_embeddings(path: Path, x: np.ndarray, split: str) -> None:
+    from pipeline.embeddings import embedding_schema
+    from pipeline.io import parquet_writer
+
+    n, dim = x.shape
+    heads = 2
+    meta = {"model_hash": "hash123", "layer": 1, "dim": dim, "num_heads": heads,
+            "class_names": ["a", "b"], "split": split, "extra_layers": []}
+    schema = embedding_schema(dim, heads, [], meta)
+    labels = np.arange(n) % 2
+    columns = {
+        "index": pa.array(np.arange(n), pa.int64()),
+        "label": pa.array(labels, pa.int32()),
+        "prediction": pa.array(labels, pa.int32()),
+        "correct": pa.array(np.ones(n, bool)),
+        "gate_logits": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * heads, np.float32)), heads),
+        "gates": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * heads, bool)), heads),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with parquet_writer(path, schema) as writer:
+        writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+
+
+def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
+    from pipeline.stages import train_sae as stage
+
+    x, _ = dictionary_data(260, 8, 12, 2, seed=3)
+    write_embeddings(Path("data/embeddings/train.parquet"), x[:200].numpy() * 5 + 1, "train")
+    write_embeddings(Path("data/embeddings/test.parquet"), x[200:].numpy() * 5 + 1, "test")
+    p = tiny_params(sae={"expansion": 2, "k": 3, "epochs": 3, "batch_size": 32})
+
+    stage.run(p)
+    metrics = json.loads(Path("metrics/sae.json").read_text())
+    assert set(metrics["train"]) == set(metrics["test"]) == {"mse", "fvu", "l0", "dead_fraction"}
+    assert metrics["n_latents"] == 16 and metrics["k"] == 3 and metrics["epochs"] == 3
+    assert 0 < metrics["test"]["fvu"] < 1.5 and 0 < metrics["test"]["l0"] <= 3
+    curves = json.loads(Path("metrics/plots/sae_train.json").read_text())
+    assert [row["epoch"] for row in curves] == [1, 2, 3]
+    assert {"loss", "train_fvu", "test_fvu", "dead_fraction"} <= set(curves[0])
+
+    sae = load_sae("models/sae")
+    config = json.loads(Path("models/sae/config.json").read_text())
+    assert config["model_hash"] == "hash123" and config["layer"] == 1
+    assert config["params"]["k"] == 3 and config["params"]["expansion"] == 2
+    test_x = torch.from_numpy(x[200:].numpy() * 5 + 1)
+    assert evaluate_sae(sae, test_x)["fvu"] == pytest.approx(metrics["test"]["fvu"])
+
+    # same params on the CPU: byte-identical outputs
+    before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/plots/sae_train.json",
+                                                       "models/sae/model.safetensors", "models/sae/config.json"])}
+    stage.run(p)
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
+def test_stage_rejects_k_above_width_before_writing(in_tmp: Path, tiny_params):
+    from pipeline.stages import train_sae as stage
+
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    write_embeddings(Path("data/embeddings/train.parquet"), x, "train")
+    write_embeddings(Path("data/embeddings/test.parquet"), x, "test")
+    with pytest.raises(ParamsError, match=r"sae\.k = 9"):
+        stage.run(tiny_params(sae={"expansion": 2, "k": 9}))
+    assert not Path("models/sae").exists() and not Path("metrics/sae.json").exists()
+
