@@ -99,11 +99,11 @@ class EmbeddingTable:
 
     @property
     def accuracy(self) -> float:
-        return float((self.predictions == self.labels).float().mean())
+        return float((self.predictions == self.labels).double().mean())
 
     @property
     def head_usage(self) -> float:
-        return float(self.gates.float().mean())
+        return float(self.gates.double().mean())
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

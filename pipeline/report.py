@@ -129,7 +129,7 @@ def render_report(
             f"({ref['heads']}) | {got} |"
         )
     lines += [
-        f"| overlap global vs class | {PAPER_OVERLAP} | {stats['overlap_global_vs_class']:.4f} (|A∩B|/K), {stats['jaccard_global_vs_class']:.4f} (Jaccard) |",
+        f"| overlap global vs class | {PAPER_OVERLAP} | {stats['overlap_global_vs_class']:.4f} (\\|A ∩ B\\| / K), {stats['jaccard_global_vs_class']:.4f} (Jaccard) |",
         "",
         ("This run has the paper's scale (ViT-S/16 width 384, 12 blocks, real data): the numbers are quantitatively comparable."
          if paper_scale else

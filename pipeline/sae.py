@@ -312,11 +312,11 @@ class _Grads(NamedTuple):
     b_dec: Tensor
 
 
-def _backprop_codes(grad_out: Tensor, xc: Tensor, sae: TopKSAE, rows: Tensor,
-                    indices: Tensor, values: Tensor, grads: _Grads) -> Tensor:
+def _backprop_codes(grad_out: Tensor, xc: Tensor, rows: Tensor, indices: Tensor, values: Tensor,
+                    grads: _Grads) -> None:
     """Backward of out = sum_j values[:, j] rows[indices[:, j]], values = relu(xc W_enc^T + b_enc)
-    at the selected pairs. Adds the weight gradients into `grads` (the decoder's with its
-    component along each unit-norm row removed) and returns the gradient w.r.t. xc."""
+    at the selected pairs: adds the gradients of W_enc, b_enc and the decoder rows (with its
+    component along each unit-norm row removed) into `grads`."""
     n_latents = rows.shape[0]
     flat = indices.reshape(-1)
     pattern = _LatentMajor(indices, n_latents)
@@ -331,7 +331,6 @@ def _backprop_codes(grad_out: Tensor, xc: Tensor, sae: TopKSAE, rows: Tensor,
     grad_pre = grad_values * (values > 0)  # through the ReLU
     pattern.accumulate(grads.w_enc, grad_pre, xc)
     grads.b_enc.index_add_(0, flat, grad_pre.reshape(-1))
-    return _csr(indices, grad_pre, n_latents) @ sae.W_enc
 
 
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -382,16 +381,18 @@ def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int
     x_hat = F.embedding_bag(indices, rows, per_sample_weights=values, mode="sum") + sae.b_dec
 
     loss, grad_x_hat = _nmse_and_grad(x_hat, xb)
-    grads.b_dec.add_(grad_x_hat.sum(dim=0))
-    grad_xc = _backprop_codes(grad_x_hat, xc, sae, rows, indices, values, grads)
+    _backprop_codes(grad_x_hat, xc, rows, indices, values, grads)
 
     aux = torch.zeros((), dtype=xb.dtype, device=xb.device)
     if aux_coef > 0 and bool(dead.any()):
         aux_values, aux_indices = dead_topk(pre, dead, k_aux)
         e_hat = F.embedding_bag(aux_indices, rows, per_sample_weights=aux_values, mode="sum")
         aux, grad_e_hat = _nmse_and_grad(e_hat, xb - x_hat)
-        grad_xc += _backprop_codes(aux_coef * grad_e_hat, xc, sae, rows, aux_indices, aux_values, grads)
-    grads.b_dec.sub_(grad_xc.sum(dim=0))  # xc = x - b_dec
+        _backprop_codes(aux_coef * grad_e_hat, xc, rows, aux_indices, aux_values, grads)
+
+    # b_dec is added after decoding and subtracted before encoding (xc = x - b_dec); the
+    # encoder's gradient w.r.t. xc, summed over samples, is grad(b_enc) @ W_enc
+    grads.b_dec.add_(grad_x_hat.sum(dim=0)).sub_(grads.b_enc @ sae.W_enc)
     return _StepResult(loss + aux_coef * aux, aux, x_hat, values, indices)
 
 

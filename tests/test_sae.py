@@ -11,17 +11,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.io import PipelineError
 from pipeline.params import ParamsError, SaeParams
 from pipeline.sae import (
     TopKSAE,
-    auxk_loss,
+    _Grads,
+    _train_step,
+    dead_topk,
     evaluate_sae,
     geometric_median,
     input_scale_for,
     load_sae,
     normalize_rows_,
+    normalized_mse,
     remove_parallel_,
     save_sae,
     topk_lowest_index,
@@ -132,46 +136,51 @@ def test_sparse_decode_equals_dense_decode():
     assert out.pre_acts.shape == (50, 64)
 
 
-def test_sparse_backward_matches_dense_autograd():
-    """The hand-written sparse backward equals autograd through the dense formulation."""
-    torch.manual_seed(0)
-    sae = small_sae(dim=8, n_latents=24, k=5, scale=1.3).double()
-    x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(12, 8, dtype=torch.float64)
-
-    (sae(x).x_hat - target).square().sum().backward()
-    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": x.grad.clone()}
-
-    sae.zero_grad()
-    x.grad = None
-    pre = sae.pre_activations(x)
+def reference_loss(sae: TopKSAE, xs: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coef: float) -> torch.Tensor:
+    """The training loss written with plain autograd-able ops (scaled space)."""
+    pre = torch.relu((xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
     top = topk_lowest_index(pre.detach(), sae.k)
-    z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top))
-    (sae.decode(z) - target).square().sum().backward()
-    dense = {n: p.grad for n, p in sae.named_parameters()} | {"x": x.grad}
-    for name in dense:
-        assert torch.allclose(sparse[name], dense[name], atol=1e-10), name
+    x_hat = F.embedding_bag(top, sae.W_dec.T, per_sample_weights=pre.gather(1, top), mode="sum") + sae.b_dec
+    loss = normalized_mse(x_hat, xs)
+    if bool(dead.any()):
+        _, aux_top = dead_topk(pre.detach(), dead, k_aux)
+        e_hat = F.embedding_bag(aux_top, sae.W_dec.T, per_sample_weights=pre.gather(1, aux_top), mode="sum")
+        loss = loss + aux_coef * normalized_mse(e_hat, (xs - x_hat).detach())
+    return loss
 
 
-def test_decoder_gradient_projection_removes_the_parallel_component():
-    sae = small_sae(dim=8, n_latents=24, k=5).double()
-    xs = torch.randn(32, 8, dtype=torch.float64)
-    target = torch.randn(32, 8, dtype=torch.float64)
+def manual_step(sae: TopKSAE, xs: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coef: float):
     rows = torch.nn.Parameter(sae.W_dec.data.T)
-    normalize_rows_(rows)  # exactly unit norm in float64, as the projection assumes
+    grads = _Grads(*(torch.zeros_like(w) for w in (sae.W_enc, sae.b_enc, rows, sae.b_dec)))
+    pre_buffer = torch.empty(xs.shape[0], sae.n_latents, dtype=xs.dtype)
+    return _train_step(sae, rows, xs, dead, k_aux, aux_coef, grads, pre_buffer), grads
 
-    x_hat = sae._scaled_forward(xs, rows, project=False)[0]
-    (x_hat - target).square().sum().backward()
-    true_grad = rows.grad.clone()
-    rows.grad = None
-    x_hat = sae._scaled_forward(xs, rows, project=True)[0]
-    (x_hat - target).square().sum().backward()
 
-    along = (rows.grad * rows.detach()).sum(dim=1)
-    assert along.abs().max() < 1e-10
-    assert (true_grad * rows.detach()).sum(dim=1).abs().max() > 1e-2  # there was something to remove
-    remove_parallel_(true_grad, rows.detach())
-    assert torch.allclose(rows.grad, true_grad, atol=1e-10)
+@pytest.mark.parametrize("n_dead", [0, 5, 20])
+def test_hand_written_gradients_match_autograd(n_dead: int):
+    """The training step's sparse backward (with the decoder projection) equals autograd
+    through the dense formulation, with and without dead latents for AuxK."""
+    sae = small_sae(dim=8, n_latents=24, k=4, seed=3).double()
+    normalize_rows_(sae.W_dec.data.T)  # exactly unit norm in float64, as the projection assumes
+    xs = torch.randn(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[torch.randperm(24, generator=torch.Generator().manual_seed(5))[:n_dead]] = True
+
+    result, grads = manual_step(sae, xs, dead, k_aux=6, aux_coef=0.5)
+    loss = reference_loss(sae, xs, dead, k_aux=6, aux_coef=0.5)
+    loss.backward()
+    assert float(result.loss) == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert torch.allclose(grads.w_enc, sae.W_enc.grad, atol=1e-12)
+    assert torch.allclose(grads.b_enc, sae.b_enc.grad, atol=1e-12)
+    assert torch.allclose(grads.b_dec, sae.b_dec.grad, atol=1e-12)
+
+    true_rows_grad = sae.W_dec.grad.T.clone()
+    assert (true_rows_grad * sae.W_dec.T).sum(dim=1).abs().max() > 1e-3  # something to remove
+    assert (grads.rows * sae.W_dec.T).sum(dim=1).abs().max() < 1e-12  # removed
+    remove_parallel_(true_rows_grad, sae.W_dec.detach().T)
+    assert torch.allclose(grads.rows, true_rows_grad, atol=1e-12)
+    sae.remove_parallel_grad_()  # the public method does the same to W_dec.grad
+    assert torch.allclose(sae.W_dec.grad.T, true_rows_grad, atol=1e-12)
 
 
 def test_init_and_unit_norm_decoder_columns_after_training():
@@ -203,22 +212,32 @@ def test_input_normalisation_and_geometric_median():
 
 
 # -------------------------------------------------------------------------------------- AuxK
-def test_auxk_zero_without_dead_latents_and_positive_with_them():
+def test_auxk_zero_without_dead_latents_and_only_touches_dead_ones():
     sae = small_sae(dim=8, n_latents=24, k=3)
-    xs = torch.randn(40, 8)
-    x_hat, values, indices, pre, xc = sae._scaled_forward(xs)
-    residual = (xs - x_hat).detach()
+    xs = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
     none_dead = torch.zeros(24, dtype=torch.bool)
-    assert float(auxk_loss(sae, xc, pre, residual, none_dead, k_aux=4)) == 0.0
+    plain, plain_grads = manual_step(sae, xs, none_dead, k_aux=4, aux_coef=0.0)
+    result, grads = manual_step(sae, xs, none_dead, k_aux=4, aux_coef=1 / 32)
+    assert float(result.aux_loss) == 0.0 and float(result.loss) == float(plain.loss)
 
     dead = torch.ones(24, dtype=torch.bool)
-    dead[indices.unique()] = False  # the latents this batch did not select
-    loss = auxk_loss(sae, xc, pre, residual, dead, k_aux=4)
-    assert float(loss.detach()) > 0
-    loss.backward()
-    # only dead latents' encoder rows receive gradient from the auxiliary loss
-    touched = sae.W_enc.grad.abs().sum(dim=1) > 0
-    assert bool(touched.any()) and not bool(touched[~dead].any())
+    dead[plain.indices.unique()] = False  # the latents this batch did not select
+    assert bool(dead.any())
+    result, grads = manual_step(sae, xs, dead, k_aux=4, aux_coef=1 / 32)
+    assert float(result.aux_loss) > 0
+    assert float(result.loss) == pytest.approx(float(plain.loss) + float(result.aux_loss) / 32)
+    changed = (grads.w_enc - plain_grads.w_enc).abs().sum(dim=1) > 0
+    assert bool(changed[dead].any()) and not bool(changed[~dead].any())
+
+
+def test_dead_topk_caps_at_the_number_of_dead_latents():
+    pre = torch.arange(40.0).reshape(4, 10)
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[[2, 5, 7]] = True
+    values, indices = dead_topk(pre, dead, k_aux=5)
+    assert indices.tolist() == [[2, 5, 7]] * 4 and torch.equal(values, pre[:, [2, 5, 7]])
+    values, indices = dead_topk(pre, dead, k_aux=2)
+    assert indices.tolist() == [[5, 7]] * 4 and torch.equal(values, pre[:, [5, 7]])
 
 
 def test_auxk_revives_dead_latents():

@@ -1,0 +1,65 @@
+"""The full steering sweep through the fast path against the naive full-model path.
+
+One run, same machine, same images, same variants (every strategy x the alpha grid x the random
+draws of the given params file): the fast path runs blocks 0..L-2 once per batch and the final
+block once per distinct (image, gate pattern); the naive path runs the whole model once per
+variant. Both produce identical tallies (checked here too). Target: fast >= 6x naive.
+
+Uses a finished pipeline's artifacts (models/vit, models/sae, data/stats, data/dataset) under
+--root, e.g. after `make run`:
+
+    .venv/bin/python bench/bench_steer.py --root . [--images 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.data import load_images
+from pipeline.gated_vit import load_gated_vit
+from pipeline.io import read_json
+from pipeline.params import load_params
+from pipeline.sae import load_sae
+from pipeline.stages.steer import load_sets
+from pipeline.steering import result_rows, run_sweep, variants_for
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
+    ap.add_argument("--images", type=int, default=1000, help="test images used (first N)")
+    args = ap.parse_args()
+    root = args.root
+    sp = load_params(args.params or root / "params.yaml").steer
+    model, config = load_gated_vit(root / "models/vit")
+    sae = load_sae(root / "models/sae")
+    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config["class_names"], sp.random_draws, sp.seed)
+    test = load_images(root / "data/dataset/test.parquet")
+    images, labels = test.images[: args.images], test.labels[: args.images]
+    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)
+    cpu = torch.device("cpu")
+
+    timings, tallies = {}, {}
+    for name, naive in (("naive (full model per variant)", True), ("fast path (this project)", False)):
+        start = time.perf_counter()
+        tallies[name], _ = run_sweep(model, sae, sets, images, labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, cpu, naive=naive)
+        timings[name] = time.perf_counter() - start
+    rows = [result_rows(t, config["class_names"]) for t in tallies.values()]
+    assert rows[0] == rows[1], "fast and naive sweeps disagree"
+    shape = config["shape"]
+    print(f"steering sweep: {len(variants)} variants ({', '.join(sp.strategies)}; {len(set(sp.alphas) | {0.0})} alphas; "
+          f"{sp.random_draws} random draws) x {len(images)} images; model depth {shape['depth']}, width {shape['embed_dim']}")
+    print(f"{'path':<34}{'seconds':>9}{'variant-images/s':>18}")
+    for name, t in timings.items():
+        print(f"{name:<34}{t:>9.2f}{len(variants) * len(images) / t:>18.0f}")
+    naive_t, fast_t = timings["naive (full model per variant)"], timings["fast path (this project)"]
+    print(f"speed-up fast / naive: {naive_t / fast_t:.1f}x (target >= 6x); results identical: yes")
+
+
+if __name__ == "__main__":
+    main()
