@@ -65,6 +65,14 @@ def validate(params: Path = ParamsOption) -> None:
     typer.echo(f"{params}: valid")
 
 
+@app.command("params-doc")
+def params_doc() -> None:
+    """Print every parameter with its type, default and meaning (Markdown)."""
+    from pipeline.params import describe_params
+
+    typer.echo(describe_params())
+
+
 @app.command()
 def download(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Write the canonical data set data/dataset/{train,test}.parquet from `data.source`."""

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from pipeline.io import PipelineError, load_state_dict_file
-from pipeline.params import ModelParams
+from pipeline.params import ModelParams, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,15 @@ def model_config(params: ModelParams, vit: VisionTransformer, num_classes: int, 
 
 
 def create_vit(name: str, num_classes: int, pretrained: bool = False, **shape: int) -> VisionTransformer:
+    # A name that is not a timm ViT is a bad parameter (ParamsError, exit 2), not a crash.
     try:
         vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **shape)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise PipelineError(f"model.name={name!r}: not a timm model ({exc})") from None
+            raise ParamsError(f"model.name = {name!r}: not a timm model ({exc})") from None
         raise
+    except TypeError as exc:  # e.g. a ResNet does not take img_size/patch_size
+        raise ParamsError(f"model.name = {name!r}: not a timm VisionTransformer ({exc})") from None
     except (OSError, ConnectionError) as exc:
         if pretrained:
             raise PipelineError(
@@ -203,7 +206,7 @@ def create_vit(name: str, num_classes: int, pretrained: bool = False, **shape: i
             ) from None
         raise
     if not isinstance(vit, VisionTransformer):
-        raise PipelineError(f"model.name={name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+        raise ParamsError(f"model.name = {name!r}: a {type(vit).__name__}, not a timm VisionTransformer")
     return vit
 
 
@@ -230,6 +233,8 @@ def build_gated_vit(params: ModelParams, num_classes: int, tau: float = 5.0) -> 
     """A fresh gated model from the `model` params (timm weights or a local checkpoint)."""
     shape = {k: getattr(params, k) for k in SHAPE_KEYS if getattr(params, k) is not None}
     vit = create_vit(params.name, num_classes, pretrained=params.pretrained, **shape)
+    if params.keep_layers >= len(vit.blocks):  # depth may come from timm's default: known only now
+        raise ParamsError(f"model.keep_layers = {params.keep_layers}: must be < the model's depth {len(vit.blocks)}")
     if params.checkpoint is not None:
         load_timm_checkpoint(vit, params.checkpoint)
     return GatedViT(vit, keep_layers=params.keep_layers, gate_bias_init=params.gate_bias_init, tau=tau)
@@ -262,9 +267,14 @@ def load_gated_vit(directory) -> tuple[GatedViT, dict[str, Any]]:
     from pipeline.io import load_weights
 
     state, config = load_weights(directory)
-    model = gated_vit_from_config(config)
+    try:
+        model = gated_vit_from_config(config)
+    except (KeyError, TypeError, ValueError, PipelineError) as exc:  # ParamsError is a ValueError
+        raise PipelineError(f"{directory}/config.json: cannot rebuild the model ({type(exc).__name__}: {exc}); rerun `finetune`") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise PipelineError(f"{directory}: weights do not fit the saved config ({str(exc).splitlines()[0]})") from None
+        # torch's first line is a header; the first detail line says which tensor and why
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise PipelineError(f"{directory}: model.safetensors does not fit config.json ({'; '.join(lines[:2])})") from None
     return model.eval(), config

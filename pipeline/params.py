@@ -8,6 +8,8 @@ the bad value and what is allowed; the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -183,6 +185,10 @@ class ExtractParams(Section):
     input is always stored as `x`."""
     device: Device = "auto"
     """`auto` picks CUDA when present."""
+    nproc: Annotated[int, Field(ge=1)] = 1
+    """Processes per node; above 1 the stage runs under torchrun, every process extracting an
+    interleaved share of the batches, and rank 0 merges the shares into files byte-identical
+    to a single-process run."""
 
 
 # ---------------------------------------------------------------------------------------- sae
@@ -299,6 +305,46 @@ class Params(Section):
     sae: SaeParams
     stats: StatsParams
     steer: SteerParams
+
+
+def _type_name(annotation: object) -> str:
+    """A readable type for the parameter table: `int or null`, `one of 'scale', 'add'`, ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return {Path: "path"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def describe_params() -> str:
+    """Every section and field with its type, default and documentation (Markdown)."""
+
+    def walk(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}.{name}" if prefix else name
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                if prefix:
+                    lines.append(f"| `{key}` | section | | {field.description or ''} |")
+                walk(annotation, key, lines)
+                continue
+            kind = _type_name(annotation)
+            default = "required" if field.is_required() else repr(field.default)
+            lines.append(f"| `{key}` | {kind} | `{default}` | {(field.description or '').replace(chr(10), ' ')} |")
+
+    out = []
+    for section, field in Params.model_fields.items():
+        model = field.annotation
+        out += [f"### `{section}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        walk(model, section, out)
+        out.append("")
+    return "\n".join(out)
 
 
 def _describe(error: dict) -> str:

@@ -304,7 +304,7 @@ class _LatentMajor:
 
 
 class _Grads(NamedTuple):
-    """Gradient buffers, allocated once; rows is the (n_latents, dim) view of W_dec's."""
+    """Gradient buffers, allocated once and reused every step (rows: the decoder as rows)."""
 
     w_enc: Tensor
     b_enc: Tensor
@@ -338,11 +338,13 @@ def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
     return (x_hat - x).square().sum() / (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
 
 
-def _nmse_and_grad(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """normalized_mse and its gradient w.r.t. x_hat (the target is a constant)."""
+def _nmse_and_grad(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """normalized_mse, its gradient w.r.t. x_hat (the target is a constant), and the
+    squared error sum ||x_hat - x||^2."""
     denominator = (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
     error = x_hat - x
-    return error.square().sum() / denominator, error * (2.0 / denominator)
+    sq_err = error.square().sum()
+    return sq_err / denominator, error * (2.0 / denominator), sq_err
 
 
 def dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
@@ -359,7 +361,7 @@ def dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
 class _StepResult(NamedTuple):
     loss: Tensor
     aux_loss: Tensor
-    x_hat: Tensor
+    sq_err: Tensor
     values: Tensor
     indices: Tensor
 
@@ -380,20 +382,20 @@ def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int
     values = pre.gather(1, indices)
     x_hat = F.embedding_bag(indices, rows, per_sample_weights=values, mode="sum") + sae.b_dec
 
-    loss, grad_x_hat = _nmse_and_grad(x_hat, xb)
+    loss, grad_x_hat, sq_err = _nmse_and_grad(x_hat, xb)
     _backprop_codes(grad_x_hat, xc, rows, indices, values, grads)
 
     aux = torch.zeros((), dtype=xb.dtype, device=xb.device)
     if aux_coef > 0 and bool(dead.any()):
         aux_values, aux_indices = dead_topk(pre, dead, k_aux)
         e_hat = F.embedding_bag(aux_indices, rows, per_sample_weights=aux_values, mode="sum")
-        aux, grad_e_hat = _nmse_and_grad(e_hat, xb - x_hat)
+        aux, grad_e_hat, _ = _nmse_and_grad(e_hat, xb - x_hat)
         _backprop_codes(aux_coef * grad_e_hat, xc, rows, aux_indices, aux_values, grads)
 
     # b_dec is added after decoding and subtracted before encoding (xc = x - b_dec); the
     # encoder's gradient w.r.t. xc, summed over samples, is grad(b_enc) @ W_enc
     grads.b_dec.add_(grad_x_hat.sum(dim=0)).sub_(grads.b_enc @ sae.W_enc)
-    return _StepResult(loss + aux_coef * aux, aux, x_hat, values, indices)
+    return _StepResult(loss + aux_coef * aux, aux, sq_err, values, indices)
 
 
 # ------------------------------------------------------------------------ training: the loop
@@ -517,9 +519,8 @@ def train_sae(
 
             with torch.no_grad():
                 fired_epoch |= tracker.update(result.values, result.indices)
-                sq_err = (xb - result.x_hat).double().square().sum()
-                active = (result.values > 0).sum().double()
-                sums += torch.stack([result.loss.double(), result.aux_loss.double(), sq_err, active])
+                active = (result.values > 0).sum()
+                sums += torch.stack([result.loss, result.aux_loss, result.sq_err, active]).double()
             n_batches += 1
             step += 1
 

@@ -1,16 +1,33 @@
-"""`extract`: the final block's CLS input and gate decisions of every image, into Parquet."""
+"""`extract`: the final block's CLS input and gate decisions of every image, into Parquet.
+
+Runs as one process or under torchrun (`extract.nproc` processes per node, any number of
+nodes). With several processes every rank extracts the batches `rank, rank + world, ...` of
+each split into a shard file; after a barrier rank 0 copies the shards' row groups back into
+global batch order. A batch is computed from exactly the same images as in a single-process
+run and becomes exactly the same row group, so the merged files are byte-identical to a
+one-process run (and DVC's hash does not depend on the process count). Shards go through a
+shared directory next to the output: multi-node runs need the repository on a shared file
+system, which they need anyway to read data/dataset and models/vit.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
-from pipeline.data import load_images
-from pipeline.embeddings import read_embeddings
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from pipeline.data import ImageSet, load_images
+from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
-from pipeline.gated_vit import load_gated_vit
-from pipeline.io import PipelineError, atomic_path, clean_outputs, pick_device, read_json, write_json
+from pipeline.gated_vit import GatedViT, load_gated_vit
+from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, pick_device, read_json, write_json
 from pipeline.params import ParamsError, Params
+from pipeline.training import DistInfo, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -18,39 +35,111 @@ DATASET = Path("data/dataset")
 MODEL_DIR = Path("models/vit")
 FINETUNE_METRICS = Path("metrics/finetune.json")
 OUT_DIR = Path("data/embeddings")
+SHARD_DIR = OUT_DIR.with_name(f".{OUT_DIR.name}.shards")
 METRICS = Path("metrics/extract.json")
 SPLITS = ("train", "test")
 
 
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """Row indices of the batches `rank, rank + world, ...`, in order. Every batch but the last
+    is full, so the shard's own batching (same `batch_size`) reproduces the global batches."""
+    starts = range(rank * batch_size, n, world * batch_size)
+    if not starts:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([torch.arange(start, min(start + batch_size, n)) for start in starts])
+
+
+def merge_shards(shards: list[Path], out_path: Path, schema: pa.Schema, n: int, batch_size: int) -> None:
+    """Write the shards' row groups in global batch order (batch b is row group b // world of
+    shard b % world): the same row groups a single process writes, one in memory at a time."""
+    files = [pq.ParquetFile(str(path)) for path in shards]
+    world = len(files)
+    with parquet_writer(out_path, schema) as writer:
+        for batch in range(-(-n // batch_size)):
+            table = files[batch % world].read_row_group(batch // world)
+            writer.write_table(table, row_group_size=batch_size)
+
+
+def load_split(split: str, config: dict) -> ImageSet:
+    images = load_images(DATASET / f"{split}.parquet")
+    if images.class_names != config["class_names"]:
+        raise PipelineError(f"{DATASET / split}.parquet: class names differ from the model's ({MODEL_DIR}/config.json)")
+    return images
+
+
 def run(params: Params) -> None:
     ep = params.extract
-    clean_outputs(OUT_DIR, METRICS)
+    device = pick_device(ep.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    if dist_info.is_main:
+        clean_outputs(OUT_DIR, METRICS)
     model, config = load_gated_vit(MODEL_DIR)
     bad = [i for i in ep.layers if i >= model.depth]
     if bad:
         raise ParamsError(f"extract.layers = {ep.layers}: blocks {bad} do not exist (the model has {model.depth})")
     extra = tuple(sorted(set(ep.layers) - {model.depth - 1}))
-    device = pick_device(ep.device)
     model_hash = weights_hash(MODEL_DIR)
+    metas = {
+        split: {
+            "model_hash": model_hash,
+            "layer": model.depth - 1,
+            "dim": model.vit.embed_dim,
+            "num_heads": model.num_heads,
+            "class_names": config["class_names"],
+            "split": split,
+            "extra_layers": list(extra),
+        }
+        for split in SPLITS
+    }
 
+    if dist_info.world == 1:
+        with atomic_path(OUT_DIR, directory=True) as tmp:
+            for split in SPLITS:
+                images = load_split(split, config)
+                extract_split(model, images.images, images.labels, images.index, config, tmp / f"{split}.parquet", metas[split], ep.batch_size, device, extra)
+                log.info("extracted %d %s rows", len(images.labels), split)
+    else:
+        extract_sharded(model, config, metas, ep.batch_size, device, extra, dist_info)
+
+    if dist_info.is_main:
+        write_metrics(model_hash)
+    if dist_info.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def extract_sharded(model: GatedViT, config: dict, metas: dict, batch_size: int, device: torch.device, extra: tuple[int, ...], dist_info: DistInfo) -> None:
+    """Each rank writes its batches of every split to SHARD_DIR; rank 0 then merges them into
+    OUT_DIR (atomically) and removes the shards."""
+    if dist_info.is_main:
+        shutil.rmtree(SHARD_DIR, ignore_errors=True)  # leftovers of a killed run
+        SHARD_DIR.mkdir(parents=True)
+    dist.barrier()
+    sizes = {}
+    for split in SPLITS:
+        images = load_split(split, config)
+        sizes[split] = len(images.labels)
+        rows = shard_rows(sizes[split], batch_size, dist_info.rank, dist_info.world)
+        with atomic_path(SHARD_DIR / f"{split}.rank{dist_info.rank}.parquet") as out:
+            extract_split(model, images.images[rows], images.labels[rows], images.index[rows], config, out, metas[split], batch_size, device, extra)
+        log.info("rank %d/%d extracted %d of %d %s rows", dist_info.rank, dist_info.world, len(rows), sizes[split], split)
+    dist.barrier()  # every shard is complete
+    if not dist_info.is_main:
+        return
     with atomic_path(OUT_DIR, directory=True) as tmp:
         for split in SPLITS:
-            images = load_images(DATASET / f"{split}.parquet")
-            if images.class_names != config["class_names"]:
-                raise PipelineError(f"{DATASET / split}.parquet: class names differ from the model's ({MODEL_DIR}/config.json)")
-            meta = {
-                "model_hash": model_hash,
-                "layer": model.depth - 1,
-                "dim": model.vit.embed_dim,
-                "num_heads": model.num_heads,
-                "class_names": config["class_names"],
-                "split": split,
-                "extra_layers": list(extra),
-            }
-            extract_split(model, images.images, images.labels, images.index, config, tmp / f"{split}.parquet", meta, ep.batch_size, device, extra)
-            log.info("extracted %d %s rows", len(images.labels), split)
+            schema = embedding_schema(model.vit.embed_dim, model.num_heads, list(extra), metas[split])
+            shards = [SHARD_DIR / f"{split}.rank{r}.parquet" for r in range(dist_info.world)]
+            merge_shards(shards, tmp / f"{split}.parquet", schema, sizes[split], batch_size)
+    shutil.rmtree(SHARD_DIR, ignore_errors=True)
+    log.info("merged %d shards per split into %s", dist_info.world, OUT_DIR)
 
-    # Recompute the headline numbers from the stored rows: they must agree with finetune's.
+
+def write_metrics(model_hash: str) -> None:
+    """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
     tables = {split: read_embeddings(OUT_DIR / f"{split}.parquet") for split in SPLITS}
     test = tables["test"]
     finetune = read_json(FINETUNE_METRICS)

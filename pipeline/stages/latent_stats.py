@@ -23,7 +23,7 @@ from pipeline import plots
 from pipeline import stats as st
 from pipeline.embeddings import EmbeddingTable, read_embeddings
 from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, with_metadata, write_json
-from pipeline.params import Params
+from pipeline.params import Params, ParamsError
 from pipeline.sae import load_sae
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ def run(params: Params) -> None:
     class_names = train.class_names
     if test.class_names != class_names:
         raise PipelineError(f"{TEST}: class names differ from {TRAIN}; rerun `extract`")
-    split_stats = {name: _encode(sae, table, name, len(class_names), cfg.batch_size)
-                   for name, table in (("train", train), ("test", test))}
+    if cfg.top_k > sae.n_latents:  # a set larger than the dictionary makes |A ∩ B| / K meaningless
+        raise ParamsError(f"stats.top_k = {cfg.top_k}: must be <= the SAE's number of latents ({sae.n_latents}, {SAE_DIR})")
+    split_stats = {name: _encode(sae, table, path, len(class_names), cfg.batch_size)
+                   for name, table, path in (("train", train, TRAIN), ("test", test, TEST))}
 
     n_latents, top_k = sae.n_latents, cfg.top_k
     sets = {name: (st.top_set(s.freq_all, top_k), st.top_sets(s.freq_class, top_k)) for name, s in split_stats.items()}
@@ -101,12 +103,12 @@ def run(params: Params) -> None:
              metrics["alive_latents"], n_latents, metrics["mean_l0"])
 
 
-def _encode(sae: Any, table: EmbeddingTable, split: str, n_classes: int, batch_size: int) -> st.LatentStats:
+def _encode(sae: Any, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int) -> st.LatentStats:
     if table.dim != sae.dim:
-        raise PipelineError(f"embeddings have dim {table.dim} but the SAE in {SAE_DIR} expects {sae.dim}; rerun `train_sae`")
+        raise PipelineError(f"{path}: embeddings have dim {table.dim} but the SAE in {SAE_DIR} expects {sae.dim}; rerun `train_sae`")
     if int(table.labels.min()) < 0 or int(table.labels.max()) >= n_classes:
-        raise PipelineError(f"{split} embeddings: labels outside [0, {n_classes}) (class_names has {n_classes})")
-    return st.encode_stats(sae.encode_topk, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {split}")
+        raise PipelineError(f"{path}: labels outside [0, {n_classes}) (class_names has {n_classes})")
+    return st.encode_stats(sae.encode_topk, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {path.stem}")
 
 
 def _r(x: float) -> float:

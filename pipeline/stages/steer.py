@@ -85,9 +85,14 @@ def run(params: Params) -> None:
     if sae.dim != model.vit.embed_dim:
         raise PipelineError(f"{SAE_DIR}: SAE width {sae.dim} differs from the model's embedding width {model.vit.embed_dim}")
     class_names = config["class_names"]
-    sets = load_sets(read_json(STATS / "top_sets.json"), sae.n_latents, class_names, sp.random_draws, sp.seed)
+    try:
+        sets = load_sets(read_json(STATS / "top_sets.json"), sae.n_latents, class_names, sp.random_draws, sp.seed)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited or foreign file
+        raise PipelineError(f"{STATS}/top_sets.json: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
     test = load_images(DATASET / "test.parquet")
     stored = read_embeddings(EMBEDDINGS / "test.parquet")
+    if stored.dim != sae.dim:
+        raise PipelineError(f"{EMBEDDINGS}/test.parquet: embeddings have dim {stored.dim}, the SAE in {SAE_DIR} expects {sae.dim}; rerun extract")
     if len(stored.x) != len(test.labels) or not torch.equal(stored.labels, test.labels):
         raise PipelineError(f"{EMBEDDINGS}/test.parquet does not match {DATASET}/test.parquet; rerun extract")
 
