@@ -8,6 +8,8 @@ one shared permutation and DistributedDataParallel averages the gradients.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.gated_vit import GatedViT, preprocess
+from pipeline.io import PipelineError
 from pipeline.params import AugmentParams, FinetuneParams
 from pipeline.progress import progress
 
@@ -148,7 +151,22 @@ class TrainState:
     history: list[dict[str, float]]
 
 
-def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: TrainState) -> None:
+def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: dict[str, Any], params: FinetuneParams) -> str:
+    """Hash of everything that determines a training run: initial weights, training data, model
+    config and the finetune params that change the arithmetic (not `resume`, `num_workers`,
+    `device`). A checkpoint is resumed only by a run with the same fingerprint: DVC keeps
+    models/vit_ckpt across parameter changes, and resuming another run's checkpoint would
+    silently return that run's weights."""
+    h = hashlib.sha256()
+    settings = params.model_dump(mode="json", exclude={"resume", "num_workers", "device"})
+    h.update(json.dumps({"finetune": settings, "model": config}, sort_keys=True).encode())
+    tensors = [t for _, t in sorted(model.state_dict().items())] + [images, labels]
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: TrainState, fingerprint: str) -> None:
     from pipeline.io import atomic_path
 
     with atomic_path(path) as tmp:
@@ -160,18 +178,31 @@ def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: t
                 "data_rng": gen.get_state(),
                 "epoch": state.epoch,
                 "history": state.history,
+                "fingerprint": fingerprint,
             },
             tmp,
         )
 
 
-def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> TrainState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    gen.set_state(ckpt["data_rng"])
-    return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, fingerprint: str) -> TrainState | None:
+    """The checkpoint's state, or None (nothing changed) when it belongs to another run."""
+    advice = "delete it or set finetune.resume: false"
+    try:  # weights_only: a crafted pickle is refused instead of run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or malicious: the same user error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{path}: rejected as a resume checkpoint (only plain tensors are loaded): {first}; {advice}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
+        log.warning("%s was written by a run with other parameters, initial weights or data: training from scratch", path)
+        return None
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(ckpt["data_rng"])
+        return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{path}: malformed resume checkpoint ({type(exc).__name__}: {exc}); {advice}") from None
 
 
 def train(
@@ -206,9 +237,12 @@ def train(
     autocast = device.type == "cuda" and params.precision == "bf16"
 
     state = TrainState(epoch=0, history=[])
+    fingerprint = run_fingerprint(model, train_images, train_labels, config, params) if checkpoint is not None else ""
     if checkpoint is not None and params.resume and checkpoint.exists():
-        state = _restore(checkpoint, model, opt, gen)
-        log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
+        restored = _restore(checkpoint, model, opt, gen, fingerprint)
+        if restored is not None:
+            state = restored
+            log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
 
     for epoch in range(state.epoch, params.epochs):
         perm = torch.randperm(n, generator=gen)
@@ -240,7 +274,7 @@ def train(
             log.info("epoch %d/%d: %s", epoch + 1, params.epochs, {k: round(v, 4) for k, v in row.items()})
         state = TrainState(epoch=epoch + 1, history=[*state.history, row])
         if checkpoint is not None and dist_info.is_main:
-            _checkpoint(checkpoint, model, opt, gen, state)
+            _checkpoint(checkpoint, model, opt, gen, state, fingerprint)
         if dist_info.world > 1:
             dist.barrier()
     model.eval()
