@@ -217,13 +217,17 @@ def load_timm_checkpoint(vit: VisionTransformer, path) -> None:
     different size is dropped (the new head keeps its fresh initialisation).
     """
     state = load_state_dict_file(path)
-    state = checkpoint_filter_fn(state, vit)
     own = vit.state_dict()
-    for key in ("head.weight", "head.bias"):
-        if key in state and state[key].shape != own[key].shape:
-            log.info("checkpoint %s has shape %s, model %s: keeping the new head", key, tuple(state[key].shape), tuple(own[key].shape))
-            del state[key]
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:  # tensors of the wrong shape (another architecture) are a user error, not a crash
+        state = checkpoint_filter_fn(state, vit)
+        for key in ("head.weight", "head.bias"):
+            if key in state and state[key].shape != own[key].shape:
+                log.info("checkpoint %s has shape %s, model %s: keeping the new head", key, tuple(state[key].shape), tuple(own[key].shape))
+                del state[key]
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())
+        raise PipelineError(f"{path}: does not fit model ({detail})") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise PipelineError(f"{path}: does not fit model (missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -354,6 +354,8 @@ def _describe(error: dict) -> str:
         return f"{where}: missing (this section or key is required)"
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key (value {error['input']!r}); check the spelling"
+    if isinstance(error["input"], dict):  # a cross-field check: the reason names the keys
+        return f"{where}: {message}"
     return f"{where} = {error['input']!r}: {message}"
 
 

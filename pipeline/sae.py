@@ -348,7 +348,8 @@ def _nmse_and_grad(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the top min(k_aux, #dead) pre-activations among dead latents."""
+    """(values, indices) of the top min(k_aux, #dead) pre-activations among dead latents,
+    indices ascending within each row."""
     dead_ids = dead.nonzero().squeeze(1)
     sub = pre[:, dead_ids]  # only the dead columns: usually few
     if dead_ids.numel() > k_aux:
@@ -441,10 +442,10 @@ class _DeadTracker:
         return self.since >= self.window
 
     def update(self, values: Tensor, indices: Tensor) -> Tensor:
-        fired = torch.zeros_like(self.since, dtype=torch.bool)
-        fired[indices[values > 0]] = True
-        self.since += values.shape[0]
-        self.since[fired] = 0
+        """Record a batch; return the (n_latents,) mask of latents that fired in it."""
+        counts = torch.zeros(self.since.shape, dtype=values.dtype, device=values.device)
+        fired = counts.index_add_(0, indices.reshape(-1), (values > 0).to(values.dtype).reshape(-1)) > 0
+        self.since.add_(values.shape[0]).masked_fill_(fired, 0)
         return fired
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,42 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+# ------------------------------------------------------------- reliability summary (issue 9)
+# tests/test_reliability.py counts what it actually executes: every hypothesis example (through
+# `reliability_case`) and every scenario test (through the hook below). The run ends with one
+# line, `reliability: N cases tried, F failures`.
+RELIABILITY = {"cases": 0, "failures": 0}
+_RELIABILITY_FILE = "test_reliability.py"
+
+
+@contextlib.contextmanager
+def reliability_case() -> Iterator[None]:
+    """Count one reliability case; an exception (a failed check) counts as a failure."""
+    RELIABILITY["cases"] += 1
+    try:
+        yield
+    except pytest.skip.Exception:
+        RELIABILITY["cases"] -= 1  # a skipped case was not tried
+        raise
+    except BaseException:
+        RELIABILITY["failures"] += 1
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
+    # A hypothesis test counts its examples itself; any other test of the file is one case.
+    if pyfuncitem.path.name != _RELIABILITY_FILE or getattr(pyfuncitem.obj, "is_hypothesis_test", False):
+        return (yield)
+    with reliability_case():
+        return (yield)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # Tests whose fixtures failed never ran a case, but they are failures of the suite all the same.
+    errors = sum(_RELIABILITY_FILE in getattr(r, "nodeid", "") for r in terminalreporter.stats.get("error", []))
+    if RELIABILITY["cases"] or errors:
+        failures = RELIABILITY["failures"] + errors
+        terminalreporter.write_line(f"reliability: {RELIABILITY['cases']} cases tried, {failures} failures")

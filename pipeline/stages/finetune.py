@@ -50,7 +50,7 @@ def run(params: Params) -> None:
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
-    clean_outputs(MODEL_DIR, METRICS, LIVE_DIR)
+    clean_outputs(MODEL_DIR, METRICS, LIVE_DIR, CHECKPOINT)  # CHECKPOINT: a killed run's temporary
 
     train_set = load_images(DATASET / "train.parquet", num_workers=fp.num_workers)
     test_set = load_images(DATASET / "test.parquet", num_workers=fp.num_workers)
