@@ -4,7 +4,7 @@ One run, same machine, same embeddings, same width, k, batch size, learning rate
 linear warmup) and epochs. Reports training samples/s and test FVU for both, and the ratio.
 
     .venv/bin/pip install -e '.[bench]'        # overcomplete==0.3.0 (benchmark-only)
-    .venv/bin/python bench/bench_sae.py        # synthetic 8000 + 2000 x 384 embeddings
+    .venv/bin/python bench/bench_sae.py --threads 1   # synthetic 8000 + 2000 x 384 embeddings
     .venv/bin/python bench/bench_sae.py --embeddings data/embeddings   # the extracted ones
 
 Fairness notes:
@@ -14,9 +14,11 @@ Fairness notes:
   per-step metrics), a DataLoader over an in-memory TensorDataset, its default gradient clipping,
   and plain MSE (its AuxK variant, `--peer-loss auxk`, decodes half of all latents densely and is
   slower). FVU is scale-invariant, so both are compared on the same numbers.
-- Runs alternate (ours, peer, ours, peer, ...) and the table shows the median of `--repeats`,
-  because these 2-core machines are shared and noisy. `--threads 1` keeps both libraries off
-  the second core, which another busy process makes every multi-threaded op wait for.
+- One short untimed run of each comes first (one-time initialisation). Then runs alternate
+  (ours, peer, ours, peer, ...); the table shows medians over `--repeats`, and the speed ratio
+  is the median of per-run ratios (each run against the peer run after it), because these
+  2-core machines are shared and noisy. `--threads 1` keeps both libraries off the second
+  core, which another busy process makes every multi-threaded op wait for.
 """
 
 from __future__ import annotations

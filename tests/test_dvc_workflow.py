@@ -45,10 +45,16 @@ def env() -> dict[str, str]:
     }
 
 
-def sh(cwd: Path, *args: str, shell: bool = False) -> str:
+def run(cwd: Path, *args: str, shell: bool = False) -> subprocess.CompletedProcess:
     command: Any = args[0] if shell else list(args)
     result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, shell=shell, timeout=600)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def sh(cwd: Path, *args: str, shell: bool = False) -> str:
+    """Run a command that must succeed; its stdout and stderr together."""
+    result = run(cwd, *args, shell=shell)
     return result.stdout + result.stderr
 
 
@@ -208,7 +214,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
 
 def _exp_show(repo: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """`dvc exp show --json` as {experiment name or rev: {"params": {...}, "metrics": {...}}}."""
-    rows = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
+    rows = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
     table: dict[str, dict[str, dict[str, Any]]] = {}
 
     def add(entry: dict[str, Any]) -> None:
@@ -240,7 +246,7 @@ def test_push_then_a_fresh_clone_pulls_every_output_and_reruns_nothing(project):
     sh(repo.parent, "git", "clone", "-q", str(repo), str(clone))
     assert not (clone / "models/sae").exists()
     sh(clone, "dvc", "pull")
-    for path, md5 in out_hashes(repo).items():
+    for path in out_hashes(repo):
         assert (clone / path).exists(), f"{path} missing after dvc pull"
     status = sh(clone, "dvc", "status")
     assert "up to date" in status and "changed" not in status

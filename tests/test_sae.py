@@ -339,15 +339,17 @@ def test_load_rejects_mismatched_files(tmp_path: Path):
 def test_training_is_deterministic(default_threads: bool, one_thread: int):
     if default_threads:
         torch.set_num_threads(one_thread)
-    x, _ = dictionary_data(800, 16, 32, 3, seed=2)
-    cfg = params(n_latents=48, k=3, epochs=3, dead_window=200, seed=5)
+    x, _ = dictionary_data(400, 16, 32, 3, seed=2)
+    cfg = params(n_latents=128, k=3, epochs=2, dead_window=100, seed=5)  # AuxK active in epoch 2
     runs = [train_sae(x, cfg, "cpu", x_eval=x[:100]) for _ in range(2)]
+    assert runs[0][1][-1]["aux_loss"] > 0
     for name, tensor in runs[0][0].state_dict().items():
         assert torch.equal(runs[1][0].state_dict()[name], tensor), name
     strip = [[{k: v for k, v in row.items() if k != "samples_per_s"} for row in h] for _, h in runs]
     assert strip[0] == strip[1]
-    other, _ = train_sae(x, params(n_latents=48, k=3, epochs=3, dead_window=200, seed=6), "cpu")
-    assert not torch.equal(other.W_dec, runs[0][0].W_dec)
+    if not default_threads:
+        other, _ = train_sae(x, params(n_latents=128, k=3, epochs=2, dead_window=100, seed=6), "cpu")
+        assert not torch.equal(other.W_dec, runs[0][0].W_dec)
 
 
 def test_k_larger_than_width_is_a_params_error():
@@ -402,7 +404,7 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     assert config["model_hash"] == "hash123" and config["layer"] == 1
     assert config["params"]["k"] == 3 and config["params"]["expansion"] == 2
     test_x = torch.from_numpy(x[200:].numpy() * 5 + 1)
-    assert evaluate_sae(sae, test_x)["fvu"] == pytest.approx(metrics["test"]["fvu"])
+    assert evaluate_sae(sae, test_x)["fvu"] == pytest.approx(metrics["test"]["fvu"], rel=1e-5)
 
     # same params on the CPU: byte-identical outputs
     before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/plots/sae_train.json",

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.embeddings import read_embeddings
 from pipeline.io import PipelineError, clean_outputs, pick_device, write_json
 from pipeline.params import Params
@@ -30,6 +32,7 @@ METRICS = Path("metrics/sae.json")
 CURVES = Path("metrics/plots/sae_train.json")
 CURVE_KEYS = ("epoch", "loss", "aux_loss", "train_fvu", "test_fvu", "l0", "dead_fraction")
 LOG_EVERY = 10  # epochs between progress lines in the log
+DIGITS = 6  # significant digits of the metrics
 
 
 def run(params: Params) -> None:
@@ -40,6 +43,8 @@ def run(params: Params) -> None:
         raise PipelineError(f"{TEST}: width {test.dim} differs from {TRAIN} ({train.dim}); rerun `extract`")
     n_latents = resolve_n_latents(cfg, train.dim)  # ParamsError (exit 2) before any work
     device = pick_device(cfg.device)
+    if cfg.threads is not None and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
     log.info("training a TopK SAE %d -> %d (k %d) on %d embeddings for %d epochs on %s",
              train.dim, n_latents, cfg.k, train.x.shape[0], cfg.epochs, device)
 
@@ -59,23 +64,29 @@ def run(params: Params) -> None:
         "model_hash": train.meta.get("model_hash"),
         "layer": train.meta.get("layer"),
     })
+    on_train, on_test = evaluate_sae(sae, train.x), evaluate_sae(sae, test.x)
+    log.info("train FVU %.4f, test FVU %.4f, test L0 %.1f, dead fraction %.3f",
+             on_train["fvu"], on_test["fvu"], on_test["l0"], on_test["dead_fraction"])
     metrics = {
-        "train": _finite(evaluate_sae(sae, train.x)),
-        "test": _finite(evaluate_sae(sae, test.x)),
+        "train": _finite(on_train),
+        "test": _finite(on_test),
         "dim": sae.dim,
         "n_latents": sae.n_latents,
         "k": sae.k,
         "epochs": cfg.epochs,
-        "input_scale": sae.input_scale,
+        "input_scale": _round(sae.input_scale),
         "n_train": int(train.x.shape[0]),
         "n_test": int(test.x.shape[0]),
     }
     write_json(METRICS, metrics)
     write_json(CURVES, [_finite({key: row[key] for key in CURVE_KEYS}) for row in history])
-    log.info("train FVU %.4f, test FVU %.4f, test L0 %.1f, dead fraction %.3f",
-             metrics["train"]["fvu"], metrics["test"]["fvu"], metrics["test"]["l0"], metrics["test"]["dead_fraction"])
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN: an undefined value (e.g. FVU of a constant split) becomes null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    """Floats to 6 significant digits (readable JSON); JSON has no NaN, so an undefined value
+    (e.g. the FVU of a constant split) becomes null."""
+    return {k: (_round(v) if isinstance(v, float) else v) for k, v in values.items()}
+
+
+def _round(value: float) -> float | None:
+    return float(f"{value:.{DIGITS}g}") if math.isfinite(value) else None
