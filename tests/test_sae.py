@@ -423,3 +423,20 @@ def test_stage_rejects_k_above_width_before_writing(in_tmp: Path, tiny_params):
         stage.run(tiny_params(sae={"expansion": 2, "k": 9}))
     assert not Path("models/sae").exists() and not Path("metrics/sae.json").exists()
 
+
+
+
+def test_stage_trains_with_sae_threads_and_restores_the_thread_count(in_tmp: Path, tiny_params, monkeypatch, one_thread):
+    """`sae.threads` applies to SAE training only: later work in the same process keeps its
+    thread count (a different count changes other stages' floating-point results)."""
+    from pipeline.stages import train_sae as stage
+
+    x, _ = dictionary_data(120, 8, 12, 2, seed=4)
+    write_embeddings(Path("data/embeddings/train.parquet"), x[:100].numpy(), "train")
+    write_embeddings(Path("data/embeddings/test.parquet"), x[100:].numpy(), "test")
+    seen = []
+    real_train = stage.train_sae
+    monkeypatch.setattr(stage, "train_sae", lambda *a, **k: (seen.append(torch.get_num_threads()), real_train(*a, **k))[1])
+    torch.set_num_threads(2)
+    stage.run(tiny_params(sae={"expansion": 2, "k": 2, "epochs": 1, "batch_size": 32, "threads": 1}))
+    assert seen == [1] and torch.get_num_threads() == 2

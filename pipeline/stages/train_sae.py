@@ -43,8 +43,6 @@ def run(params: Params) -> None:
         raise PipelineError(f"{TEST}: width {test.dim} differs from {TRAIN} ({train.dim}); rerun `extract`")
     n_latents = resolve_n_latents(cfg, train.dim)  # ParamsError (exit 2) before any work
     device = pick_device(cfg.device)
-    if cfg.threads is not None and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
     log.info("training a TopK SAE %d -> %d (k %d) on %d embeddings for %d epochs on %s",
              train.dim, n_latents, cfg.k, train.x.shape[0], cfg.epochs, device)
 
@@ -54,7 +52,13 @@ def run(params: Params) -> None:
                      row["epoch"], row["loss"], row["train_fvu"], row["test_fvu"], row["dead_fraction"],
                      row["samples_per_s"])
 
-    sae, history = train_sae(train.x, cfg, device, x_eval=test.x, on_epoch=report)
+    threads = cfg.threads if cfg.threads is not None and device.type == "cpu" else torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # restored afterwards: other stages run in the same process in tests and notebooks
+        sae, history = train_sae(train.x, cfg, device, x_eval=test.x, on_epoch=report)
+    finally:
+        torch.set_num_threads(previous)
     speed = sum(r["samples_per_s"] for r in history) / len(history)
     log.info("mean training throughput %.0f samples/s", speed)
 
