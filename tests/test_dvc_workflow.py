@@ -7,6 +7,7 @@ stages a change reruns. A second clean run checks that every output hash is repr
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -163,7 +164,8 @@ def test_each_configuration_is_a_full_valid_params_file(path):
     parse_params(raw, str(path))
     # every key of params.yaml spelled out, so `dvc exp show` gets the same columns for all
     reference = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    assert set(flat(raw)) == set(flat(reference))
+    missing, unknown = set(flat(reference)) - set(flat(raw)), set(flat(raw)) - set(flat(reference))
+    assert not missing and not unknown, f"{path.name}: keys missing {sorted(missing)}, not in params.yaml {sorted(unknown)}"
 
 
 def test_configuration_values_are_the_documented_ones():
@@ -259,6 +261,43 @@ def test_push_then_a_fresh_clone_pulls_every_output_and_reruns_nothing(project):
 
 
 # ----------------------------------------------------------------- only changed steps rerun
+def _pipeline_imports(path: Path) -> set[str]:
+    """Modules of the `pipeline` package that a source file imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pipeline import x`
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "pipeline")
+    return found
+
+
+def _code_closure(module: str) -> set[str]:
+    """The .py files of `module` and of every pipeline module it imports, transitively."""
+    files, todo, seen = set(), [module], set()
+    while todo:
+        name = todo.pop()
+        path = REPO_ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.exists():
+            continue
+        seen.add(name)
+        files.add(path.relative_to(REPO_ROOT).as_posix())
+        todo.extend(_pipeline_imports(path))
+    return files
+
+
+def test_every_stage_lists_exactly_the_code_it_imports():
+    """What makes "only changed steps rerun" true for code: a module a stage imports but does
+    not list would not rerun it when edited; one it lists but does not import reruns it for
+    nothing."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == ALL_STAGES
+    for name, stage in stages.items():
+        listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
+        assert listed == _code_closure(f"pipeline.stages.{name}"), name
+
+
 @pytest.mark.slow
 def test_an_sae_param_reruns_train_sae_latent_stats_and_steer_only(project):
     set_param(project.repo, "sae", "seed", 1)

@@ -5,7 +5,9 @@ nodes). With several processes every rank extracts the batches `rank, rank + wor
 each split into a shard file; after a barrier rank 0 copies the shards' row groups back into
 global batch order. A batch is computed from exactly the same images as in a single-process
 run and becomes exactly the same row group, so the merged files are byte-identical to a
-one-process run (and DVC's hash does not depend on the process count). Shards go through a
+one-process run (and DVC's hash does not depend on the process count; on the CPU given the
+same threads per process, since kernels reduce in a thread-count dependent order, and torchrun
+sets OMP_NUM_THREADS=1 when it starts several processes). Shards go through a
 shared directory next to the output: multi-node runs need the repository on a shared file
 system, which they need anyway to read data/dataset and models/vit.
 """
@@ -61,6 +63,7 @@ def merge_shards(shards: list[Path], out_path: Path, schema: pa.Schema, n: int, 
 
 
 def load_split(split: str, config: dict) -> ImageSet:
+    """One split of the data set, checked against the class names the model was trained on."""
     images = load_images(DATASET / f"{split}.parquet")
     if images.class_names != config["class_names"]:
         raise PipelineError(f"{DATASET / split}.parquet: class names differ from the model's ({MODEL_DIR}/config.json)")
