@@ -77,7 +77,7 @@ def render_report(
         "",
         "## Per-class steering (headline)",
         "",
-        f"Rule: per class, the alpha with the lowest final-block head usage whose accuracy is at least the",
+        "Rule: per class, the alpha with the lowest final-block head usage whose accuracy is at least the",
         f"unsteered accuracy minus {sp.accuracy_tolerance} (`steer.accuracy_tolerance`); the per-class strategy",
         "uses the true class's latent set (an oracle analysis, as in the paper). Kept heads: those kept by",
         "a majority of the class's test images.",

@@ -52,6 +52,19 @@ def init_distributed(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def device_and_distributed(requested: str) -> tuple[torch.device, DistInfo]:
+    """The device a stage runs on plus its torchrun rank: under torchrun on GPUs each process
+    takes the GPU of its local rank."""
+    from pipeline.io import pick_device
+
+    device = pick_device(requested)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    return device, dist_info
+
+
 # ----------------------------------------------------------------------------- augmentation
 def augment(images: Tensor, params: AugmentParams, generator: torch.Generator) -> Tensor:
     """Random crop after zero padding and random horizontal flip, batched. uint8 in, uint8 out."""

@@ -20,6 +20,37 @@ os.environ.setdefault("PIPELINE_LOG", "WARNING")
 
 from pipeline.params import Params, parse_params  # noqa: E402
 
+
+def write_embeddings(
+    path: Path, x: Any, labels: Any, class_names: list[str], split: str, model_hash: str = "test", layer: int = 3
+) -> None:
+    """A valid embeddings file (the `extract` layout) holding the given (N, D) `x` and labels;
+    2 heads, every gate on."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.embeddings import embedding_schema
+    from pipeline.io import parquet_writer
+
+    x, labels = np.asarray(x), np.asarray(labels)
+    n, dim = x.shape
+    heads = 2
+    meta = {"model_hash": model_hash, "layer": layer, "dim": dim, "num_heads": heads,
+            "class_names": class_names, "split": split, "extra_layers": []}
+    schema = embedding_schema(dim, heads, [], meta)
+    columns = {
+        "index": pa.array(np.arange(n), pa.int64()),
+        "label": pa.array(labels, pa.int32()),
+        "prediction": pa.array(labels, pa.int32()),
+        "correct": pa.array(np.ones(n, bool)),
+        "gate_logits": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * heads, np.float32)), heads),
+        "gates": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * heads, bool)), heads),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with parquet_writer(path, schema) as writer:
+        writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The smallest parameters that still exercise every stage: 4 synthetic classes of 16x16

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,8 @@ from pipeline.sae import (
     topk_lowest_index,
     train_sae,
 )
+
+from conftest import write_embeddings as write_tiny_embeddings
 
 
 @pytest.fixture(autouse=True)
@@ -359,27 +360,8 @@ def test_k_larger_than_width_is_a_params_error():
 
 # ----------------------------------------------------------------------------------- stage
 def write_embeddings(path: Path, x: np.ndarray, split: str) -> None:
-    from pipeline.embeddings import embedding_schema
-    from pipeline.io import parquet_writer
-
-    n, dim = x.shape
-    heads = 2
-    meta = {"model_hash": "hash123", "layer": 1, "dim": dim, "num_heads": heads,
-            "class_names": ["a", "b"], "split": split, "extra_layers": []}
-    schema = embedding_schema(dim, heads, [], meta)
-    labels = np.arange(n) % 2
-    columns = {
-        "index": pa.array(np.arange(n), pa.int64()),
-        "label": pa.array(labels, pa.int32()),
-        "prediction": pa.array(labels, pa.int32()),
-        "correct": pa.array(np.ones(n, bool)),
-        "gate_logits": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * heads, np.float32)), heads),
-        "gates": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * heads, bool)), heads),
-        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with parquet_writer(path, schema) as writer:
-        writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+    """Tiny embeddings of two alternating classes, as `extract` writes them."""
+    write_tiny_embeddings(path, x, np.arange(len(x)) % 2, ["a", "b"], split, model_hash="hash123", layer=1)
 
 
 def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):

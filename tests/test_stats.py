@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import write_embeddings
 from pipeline import plots
 from pipeline import stats as st
 
@@ -232,29 +233,6 @@ def test_heatmap_handles_100_classes_and_rejects_bad_shapes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- stage
-def write_embeddings(path: Path, x: np.ndarray, labels: np.ndarray, class_names: list[str], split: str) -> None:
-    from pipeline.embeddings import embedding_schema
-    from pipeline.io import parquet_writer
-
-    n, dim = x.shape
-    heads = 2
-    meta = {"model_hash": "test", "layer": 3, "dim": dim, "num_heads": heads,
-            "class_names": class_names, "split": split, "extra_layers": []}
-    schema = embedding_schema(dim, heads, [], meta)
-    columns = {
-        "index": pa.array(np.arange(n), pa.int64()),
-        "label": pa.array(labels, pa.int32()),
-        "prediction": pa.array(labels, pa.int32()),
-        "correct": pa.array(np.ones(n, bool)),
-        "gate_logits": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * heads, np.float32)), heads),
-        "gates": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * heads, bool)), heads),
-        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with parquet_writer(path, schema) as writer:
-        writer.write_table(pa.Table.from_pydict(columns, schema=schema))
-
-
 STAGE_OUTPUTS = [
     "data/stats/latents.parquet",
     "data/stats/top_sets.json",

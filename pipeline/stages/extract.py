@@ -27,9 +27,9 @@ from pipeline.data import ImageSet, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
 from pipeline.gated_vit import GatedViT, load_gated_vit
-from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, pick_device, read_json, write_json
+from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, read_json, write_json
 from pipeline.params import ParamsError, Params
-from pipeline.training import DistInfo, init_distributed
+from pipeline.training import DistInfo, device_and_distributed
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ def load_split(split: str, config: dict) -> ImageSet:
 
 def run(params: Params) -> None:
     ep = params.extract
-    device = pick_device(ep.device)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
+    device, dist_info = device_and_distributed(ep.device)
     if dist_info.is_main:
         clean_outputs(OUT_DIR, METRICS)
     model, config = load_gated_vit(MODEL_DIR)

@@ -11,14 +11,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from pipeline.data import load_images
 from pipeline.gated_vit import build_gated_vit, model_config, save_gated_vit
-from pipeline.io import atomic_path, clean_outputs, pick_device, seed_everything, write_json
+from pipeline.io import atomic_path, clean_outputs, seed_everything, write_json
 from pipeline.params import Params
-from pipeline.training import evaluate, init_distributed, train
+from pipeline.training import device_and_distributed, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,7 @@ def write_curves(history: list[dict[str, float]], directory: Path) -> None:
 
 def run(params: Params) -> None:
     fp = params.finetune
-    device = pick_device(fp.device)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
+    device, dist_info = device_and_distributed(fp.device)
     clean_outputs(MODEL_DIR, METRICS, LIVE_DIR, CHECKPOINT)  # CHECKPOINT: a killed run's temporary
 
     train_set = load_images(DATASET / "train.parquet", num_workers=fp.num_workers)
