@@ -21,6 +21,23 @@ os.environ.setdefault("PIPELINE_LOG", "WARNING")
 from pipeline.params import Params, parse_params  # noqa: E402
 
 
+def dvc_env() -> dict[str, str]:
+    """Environment for `dvc`/`git` subprocesses: this venv's tools, nothing phoning home, and a
+    git identity (CI machines may have none; DVC experiments commit)."""
+    import sys
+
+    return {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PIPELINE_LOG": "WARNING",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+
+
 def write_embeddings(
     path: Path, x: Any, labels: Any, class_names: list[str], split: str, model_hash: str = "test", layer: int = 3
 ) -> None:

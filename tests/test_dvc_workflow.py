@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, TINY_PARAMS
+from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from pipeline.params import parse_params
 
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -32,18 +31,7 @@ ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "s
 
 
 # ------------------------------------------------------------------------------- helpers
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_STUDIO_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PIPELINE_LOG": "WARNING",
-        # CI machines may have no git identity; DVC experiments commit.
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
+env = dvc_env
 
 
 def run(cwd: Path, *args: str, shell: bool = False) -> subprocess.CompletedProcess:

@@ -4,16 +4,14 @@ then a `data` change reruns `download` (and, content changing, everything after 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, TINY_PARAMS
+from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from pipeline.params import parse_params
 
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -29,18 +27,7 @@ def copy_project(dest: Path, params: dict) -> None:
     (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
 
 
-def env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_STUDIO_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PIPELINE_LOG": "WARNING",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
+env = dvc_env
 
 
 def sh(cwd: Path, *args: str) -> str:
