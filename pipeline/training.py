@@ -235,6 +235,13 @@ def train(
     With `checkpoint`, the state after every epoch is saved there, and training continues from
     it when it exists and `params.resume` is set (the resumed run equals an uninterrupted one).
     """
+    if params.batch_size % dist_info.world:
+        # finetune.nproc is checked against the batch when params load, but only this process sees
+        # the whole run (nodes x processes per node); a remainder would silently be dropped
+        raise PipelineError(
+            f"finetune.batch_size {params.batch_size} is not divisible by the {dist_info.world} processes "
+            "of this run (nodes x processes per node): every process takes an equal share of each batch"
+        )
     model.to(device).train()
     ddp_model: nn.Module = model
     if dist_info.world > 1:
@@ -280,6 +287,10 @@ def train(
             loss_sum += float(loss.detach()) * len(y)
             correct += float((out.logits.argmax(-1) == y).sum())
             seen += len(y)
+        if dist_info.world > 1:  # each rank saw its own share of every batch: report the whole epoch
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals.tolist()
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
         if dist_info.is_main:
             ev = evaluate(model, test_images, test_labels, config, device, batch_size=max(per_rank, 256))

@@ -46,3 +46,19 @@ def test_two_process_torchrun_finetune_writes_the_same_kind_of_outputs(in_tmp):
     moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values())]
     assert sum(moved) > len(moved) // 2
     assert not any(p.name.startswith(".") for p in Path("models").iterdir())  # no temporaries left
+
+
+def test_a_batch_that_the_whole_run_cannot_share_evenly_is_refused(tiny_params):
+    """params only see one node's nproc; train() sees the whole world and refuses a remainder
+    (3 processes, e.g. 3 nodes x 1, cannot share a batch of 16 without dropping samples)."""
+    from pipeline.gated_vit import build_gated_vit
+    from pipeline.io import PipelineError
+    from pipeline.training import DistInfo, train
+
+    params = tiny_params(finetune={"batch_size": 16})
+    model = build_gated_vit(params.model, num_classes=4)
+    images = torch.zeros(32, 3, 16, 16, dtype=torch.uint8)
+    labels = torch.zeros(32, dtype=torch.long)
+    config = {"shape": {"img_size": 16}, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(PipelineError, match="batch_size 16 is not divisible by the 3 processes"):
+        train(model, images, labels, images, labels, config, params.finetune, torch.device("cpu"), DistInfo(0, 3, 0))
