@@ -11,7 +11,6 @@ import ast
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,47 +23,17 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
+from dvc_project import commit, new_project, ran_stages, run, sh
 from pipeline.params import parse_params
 
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "steer"}
 
 
 # ------------------------------------------------------------------------------- helpers
-env = dvc_env
-
-
-def run(cwd: Path, *args: str, shell: bool = False) -> subprocess.CompletedProcess:
-    command: Any = args[0] if shell else list(args)
-    result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, shell=shell, timeout=600)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def sh(cwd: Path, *args: str, shell: bool = False) -> str:
-    """Run a command that must succeed; its stdout and stderr together."""
-    result = run(cwd, *args, shell=shell)
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
-def full_params(raw: dict[str, Any]) -> dict[str, Any]:
-    """Every key explicit, as in the real params.yaml (dvc.yaml interpolates some of them)."""
-    return parse_params(raw).model_dump(mode="json")
-
-
 def set_param(repo: Path, section: str, key: str, value: Any) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def commit(repo: Path, message: str) -> None:
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", message)
 
 
 def out_hashes(repo: Path) -> dict[str, str]:
@@ -83,20 +52,6 @@ def cached_outs(repo: Path) -> list[str]:
             if opts.get("cache", True):
                 outs.append(path)
     return outs
-
-
-def new_project(base: Path, params: dict[str, Any]) -> Path:
-    """A copy of the project (code, dvc.yaml, DVC config) with `params`, committed to git."""
-    repo = base / "repo"
-    repo.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    shutil.copytree(REPO_ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(full_params(params), sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    commit(repo, "tiny project")
-    return repo
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,7 +82,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     """
     repo = new_project(tmp_path_factory.mktemp("workflow"), TINY_PARAMS)
     other = new_project(tmp_path_factory.mktemp("second-clean-run"), TINY_PARAMS)
-    second = subprocess.Popen(["dvc", "repro"], cwd=other, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(["dvc", "repro"], cwd=other, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert ran_stages(sh(repo, "dvc", "repro")) == ALL_STAGES
     finally:
@@ -209,8 +164,8 @@ def _exp_show(repo: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
     def add(entry: dict[str, Any]) -> None:
         for revision in entry.get("experiments") or []:
-            for run in revision.get("revs") or []:
-                add(run)
+            for child in revision.get("revs") or []:
+                add(child)
         data = entry.get("data") or {}
         name = entry.get("name") or data.get("rev") or entry.get("rev")
         params = {k: v for f in (data.get("params") or {}).values() for k, v in flat(f.get("data") or {}).items()}
@@ -341,7 +296,7 @@ def queue_workers_stopped(repo: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env(), capture_output=True, timeout=120)
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=dvc_env(), capture_output=True, timeout=120)
         deadline = time.monotonic() + 60
         while _workers(repo) and time.monotonic() < deadline:
             time.sleep(1)

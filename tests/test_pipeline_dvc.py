@@ -4,50 +4,17 @@ then a `data` change reruns `download` (and, content changing, everything after 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
-from pipeline.params import parse_params
-
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
-
-
-def copy_project(dest: Path, params: dict) -> None:
-    for name in PROJECT_FILES:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, dest / name)
-    shutil.copytree(REPO_ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    # every key explicit, as in the real params.yaml (dvc.yaml interpolates some of them)
-    full = parse_params(params).model_dump(mode="json")
-    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-
-
-env = dvc_env
-
-
-def sh(cwd: Path, *args: str) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+from conftest import TINY_PARAMS
+from dvc_project import new_project, ran_stages, sh
 
 
 @pytest.mark.slow
 def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_project(repo, TINY_PARAMS)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny project")
+    repo = new_project(tmp_path, TINY_PARAMS)
 
     first = sh(repo, "dvc", "repro")
     assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "steer"}
