@@ -167,9 +167,9 @@ class TrainState:
 def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: dict[str, Any], params: FinetuneParams) -> str:
     """Hash of everything that determines a training run: initial weights, training data, model
     config and the finetune params that change the arithmetic (not `resume`, `num_workers`,
-    `device`). A checkpoint is resumed only by a run with the same fingerprint: DVC keeps
-    models/vit_ckpt across parameter changes, and resuming another run's checkpoint would
-    silently return that run's weights."""
+    `device`). A checkpoint is resumed only by a run with the same fingerprint: models/vit_ckpt
+    is a private scratch file that outlives parameter changes (no DVC output, so nothing
+    removes it), and resuming another run's checkpoint would silently return that run's weights."""
     h = hashlib.sha256()
     settings = params.model_dump(mode="json", exclude={"resume", "num_workers", "device"})
     h.update(json.dumps({"finetune": settings, "model": config}, sort_keys=True).encode())

@@ -72,8 +72,8 @@ def run(params: Params) -> None:
     log.info("train FVU %.4f, test FVU %.4f, test L0 %.1f, dead fraction %.3f",
              on_train["fvu"], on_test["fvu"], on_test["l0"], on_test["dead_fraction"])
     metrics = {
-        "train": _finite(on_train),
-        "test": _finite(on_test),
+        "train": _json_floats(on_train),
+        "test": _json_floats(on_test),
         "dim": sae.dim,
         "n_latents": sae.n_latents,
         "k": sae.k,
@@ -83,10 +83,10 @@ def run(params: Params) -> None:
         "n_test": int(test.x.shape[0]),
     }
     write_json(METRICS, metrics)
-    write_json(CURVES, [_finite({key: row[key] for key in CURVE_KEYS}) for row in history])
+    write_json(CURVES, [_json_floats({key: row[key] for key in CURVE_KEYS}) for row in history])
 
 
-def _finite(values: dict[str, Any]) -> dict[str, Any]:
+def _json_floats(values: dict[str, Any]) -> dict[str, Any]:
     """Floats to 6 significant digits (readable JSON); JSON has no NaN, so an undefined value
     (e.g. the FVU of a constant split) becomes null."""
     return {k: (_round(v) if isinstance(v, float) else v) for k, v in values.items()}
