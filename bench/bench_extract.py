@@ -88,7 +88,7 @@ def main() -> None:
     @torch.no_grad()
     def bare():
         for start in range(0, args.images, args.batch_size):
-            model(preprocess(images[start : start + args.batch_size], 32, config["mean"], config["std"]))
+            model(preprocess(images[start : start + args.batch_size], 32, config.mean, config.std))
 
     def extract(tmp: Path):
         extract_split(model, images, labels, index, config, tmp / "e.parquet", meta(model), args.batch_size, torch.device("cpu"), (0, 1, 2))
@@ -97,8 +97,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bare(), extract(Path(tmp))  # warm-up
         for _ in range(args.rounds):
-            start = time.perf_counter(); bare(); times["bare forward"].append(time.perf_counter() - start)
-            start = time.perf_counter(); extract(Path(tmp)); times["extract + Parquet"].append(time.perf_counter() - start)
+            for name, run in (("bare forward", bare), ("extract + Parquet", lambda: extract(Path(tmp)))):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
     rate = {k: args.images / statistics.median(v) for k, v in times.items()}
     print(f"extraction, {args.images} images, batch {args.batch_size}, {SHAPE}, 4 CLS layers stored")
     print(f"{'path':<22}{'images/s':>10}")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.params import SaeParams
-from pipeline.sae import evaluate_sae, input_scale_for, train_sae
+from pipeline.sae_training import evaluate_sae, input_scale_for, train_sae
 
 log = logging.getLogger("bench_sae")
 
@@ -175,7 +175,7 @@ def main() -> None:
     print()
     print(f"| SAE (median of {args.repeats} runs) | samples/s | test FVU |")
     print("|---|---:|---:|")
-    print(f"| this project (`pipeline.sae`) | {rows['ours'][0]:.0f} | {rows['ours'][1]:.4f} |")
+    print(f"| this project (`pipeline.sae_training`) | {rows['ours'][0]:.0f} | {rows['ours'][1]:.4f} |")
     print(f"| overcomplete 0.3.0 TopKSAE ({args.peer_loss}) | {rows['overcomplete'][0]:.0f} | {rows['overcomplete'][1]:.4f} |")
     print(f"| speed ratio (median of per-run ratios) | {statistics.median(ratios):.2f}x | |")
     print(f"\nper-run speed ratios: {[round(r, 2) for r in ratios]}")

@@ -14,18 +14,22 @@ Uses a finished pipeline's artifacts (models/vit, models/sae, data/stats, data/d
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.data import load_images
+from pipeline.dataset import load_images
 from pipeline.gated_vit import load_gated_vit
-from pipeline.io import read_json
 from pipeline.params import load_params
 from pipeline.sae import load_sae
 from pipeline.stages.steer import load_sets
 from pipeline.steering import result_rows, run_sweep, variants_for
+from pipeline.storage import read_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_steering import steer_batch_naive  # noqa: E402  (the naive path lives with the tests)
 
 
 def main() -> None:
@@ -38,7 +42,7 @@ def main() -> None:
     sp = load_params(args.params or root / "params.yaml").steer
     model, config = load_gated_vit(root / "models/vit")
     sae = load_sae(root / "models/sae")
-    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config["class_names"], sp.random_draws, sp.seed)
+    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config.class_names, sp.random_draws, sp.seed)
     test = load_images(root / "data/dataset/test.parquet")
     images, labels = test.images[: args.images], test.labels[: args.images]
     variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)
@@ -47,13 +51,13 @@ def main() -> None:
     timings, tallies = {}, {}
     for name, naive in (("naive (full model per variant)", True), ("fast path (this project)", False)):
         start = time.perf_counter()
-        tallies[name], _ = run_sweep(model, sae, sets, images, labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, cpu, naive=naive)
+        tallies[name], _ = run_sweep(model, sae, sets, images, labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, cpu, steer_fn=steer_batch_naive if naive else None)
         timings[name] = time.perf_counter() - start
-    rows = [result_rows(t, config["class_names"]) for t in tallies.values()]
+    rows = [result_rows(t, config.class_names) for t in tallies.values()]
     assert rows[0] == rows[1], "fast and naive sweeps disagree"
-    shape = config["shape"]
+    shape = config.shape
     print(f"steering sweep: {len(variants)} variants ({', '.join(sp.strategies)}; {len(set(sp.alphas) | {0.0})} alphas; "
-          f"{sp.random_draws} random draws) x {len(images)} images; model depth {shape['depth']}, width {shape['embed_dim']}")
+          f"{sp.random_draws} random draws) x {len(images)} images; model depth {shape.depth}, width {shape.embed_dim}")
     print(f"{'path':<34}{'seconds':>9}{'variant-images/s':>18}")
     for name, t in timings.items():
         print(f"{name:<34}{t:>9.2f}{len(variants) * len(images) / t:>18.0f}")

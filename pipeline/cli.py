@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.io import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.params import Params, ParamsError, load_params
 
 app = typer.Typer(
@@ -38,9 +38,24 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _check_registered(params: Params, path: Path) -> None:
+    """Names that refer to a registry rather than a fixed list (steering strategies). Checked
+    here, not in params.py, so that no stage depends on the registry's code through its params."""
+    from pipeline.strategies import STRATEGIES, unknown_strategies
+
+    unknown = unknown_strategies(params.steer.strategies)
+    if unknown:
+        position, name = unknown[0]
+        raise ParamsError(
+            f"invalid parameters in {path}: steer.strategies.{position} = {name!r}: unknown strategy (known: {', '.join(STRATEGIES)})"
+        )
+
+
 def _load(path: Path) -> Params:
     try:
-        return load_params(path)
+        params = load_params(path)
+        _check_registered(params, path)
+        return params
     except ParamsError as exc:
         _fail(str(exc), 2)
         raise  # unreachable

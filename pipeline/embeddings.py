@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.io import PipelineError, read_table
+from pipeline.errors import PipelineError
+from pipeline.storage import read_table, with_metadata
 
 REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "index": pa.int64(),
@@ -42,8 +43,6 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 
 
 def embedding_schema(dim: int, num_heads: int, extra_layers: list[int], meta: dict[str, Any]) -> pa.Schema:
-    from pipeline.io import with_metadata
-
     fields = [
         pa.field("index", pa.int64()),
         pa.field("label", pa.int32()),

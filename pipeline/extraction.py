@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from pipeline.embeddings import embedding_schema
-from pipeline.gated_vit import GatedViT, preprocess
-from pipeline.io import parquet_writer
+from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.progress import progress
+from pipeline.storage import parquet_writer
 
 
 def weights_hash(directory: Path) -> str:
@@ -36,10 +36,10 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 @torch.no_grad()
-def batch_records(model: GatedViT, images: Tensor, config: dict[str, Any], extra_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+def batch_records(model: GatedViT, images: Tensor, config: ModelConfig, extra_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
     """One batch of uint8 images -> the columns of the embeddings table (without index/label)."""
     final = model.depth - 1
-    x = preprocess(images, config["shape"]["img_size"], config["mean"], config["std"])
+    x = config.preprocess(images)
     out = model(x, record=(final, *extra_layers))
     columns = {
         "prediction": out.logits.argmax(-1).int(),
@@ -56,7 +56,7 @@ def extract_split(
     images: Tensor,
     labels: Tensor,
     index: Tensor,
-    config: dict[str, Any],
+    config: ModelConfig,
     out_path: Path,
     meta: dict[str, Any],
     batch_size: int,

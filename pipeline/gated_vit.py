@@ -14,7 +14,7 @@ iff its logit is > 0.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from pipeline.io import PipelineError, load_state_dict_file
+from pipeline.errors import PipelineError
 from pipeline.params import ModelParams, ParamsError
+from pipeline.storage import load_state_dict_file, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -164,27 +165,66 @@ class GatedViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- building
-def model_config(params: ModelParams, vit: VisionTransformer, num_classes: int, class_names: list[str], tau: float) -> dict[str, Any]:
-    """Everything needed to rebuild the model without timm's hub (stored as config.json)."""
-    shape = {
-        "img_size": int(vit.patch_embed.img_size[0]),
-        "patch_size": int(vit.patch_embed.patch_size[0]),
-        "embed_dim": int(vit.embed_dim),
-        "depth": len(vit.blocks),
-        "num_heads": int(vit.blocks[0].attn.num_heads),
-    }
+@dataclass(frozen=True)
+class ModelShape:
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a trained gated ViT without timm's hub, and to feed it
+    images: stored as models/vit/config.json next to the weights."""
+
+    timm_name: str
+    shape: ModelShape
+    num_classes: int
+    class_names: list[str]
+    keep_layers: int
+    gate_bias_init: float
+    tau: float
+    mean: list[float]
+    """Per-channel normalisation of the model's inputs (timm's pretrained config)."""
+    std: list[float]
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> normalised float at the model's input size."""
+        return preprocess(images, self.shape.img_size, self.mean, self.std)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ModelConfig:
+        """The config of a saved model; a missing or malformed field raises KeyError/TypeError."""
+        fields = {**raw, "shape": ModelShape(**raw["shape"])}
+        return cls(**fields)
+
+
+def model_config(params: ModelParams, vit: VisionTransformer, num_classes: int, class_names: list[str], tau: float) -> ModelConfig:
+    """The config of a freshly built model (the shape as timm resolved it)."""
+    shape = ModelShape(
+        img_size=int(vit.patch_embed.img_size[0]),
+        patch_size=int(vit.patch_embed.patch_size[0]),
+        embed_dim=int(vit.embed_dim),
+        depth=len(vit.blocks),
+        num_heads=int(vit.blocks[0].attn.num_heads),
+    )
     cfg = vit.pretrained_cfg or {}
-    return {
-        "timm_name": params.name,
-        "shape": shape,
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "keep_layers": params.keep_layers,
-        "gate_bias_init": params.gate_bias_init,
-        "tau": tau,
-        "mean": list(cfg.get("mean", (0.5, 0.5, 0.5))),
-        "std": list(cfg.get("std", (0.5, 0.5, 0.5))),
-    }
+    return ModelConfig(
+        timm_name=params.name,
+        shape=shape,
+        num_classes=num_classes,
+        class_names=list(class_names),
+        keep_layers=params.keep_layers,
+        gate_bias_init=params.gate_bias_init,
+        tau=tau,
+        mean=list(cfg.get("mean", (0.5, 0.5, 0.5))),
+        std=list(cfg.get("std", (0.5, 0.5, 0.5))),
+    )
 
 
 def create_vit(name: str, num_classes: int, pretrained: bool = False, **shape: int) -> VisionTransformer:
@@ -244,10 +284,10 @@ def build_gated_vit(params: ModelParams, num_classes: int, tau: float = 5.0) -> 
     return GatedViT(vit, keep_layers=params.keep_layers, gate_bias_init=params.gate_bias_init, tau=tau)
 
 
-def gated_vit_from_config(config: dict[str, Any]) -> GatedViT:
+def gated_vit_from_config(config: ModelConfig) -> GatedViT:
     """Rebuild the architecture from a saved config (no download; weights loaded separately)."""
-    vit = create_vit(config["timm_name"], config["num_classes"], pretrained=False, **config["shape"])
-    return GatedViT(vit, keep_layers=config["keep_layers"], gate_bias_init=config["gate_bias_init"], tau=config["tau"])
+    vit = create_vit(config.timm_name, config.num_classes, pretrained=False, **asdict(config.shape))
+    return GatedViT(vit, keep_layers=config.keep_layers, gate_bias_init=config.gate_bias_init, tau=config.tau)
 
 
 def preprocess(images: Tensor, img_size: int, mean: list[float], std: list[float]) -> Tensor:
@@ -260,18 +300,15 @@ def preprocess(images: Tensor, img_size: int, mean: list[float], std: list[float
     return (x - mean_t) / std_t
 
 
-def save_gated_vit(directory, model: GatedViT, config: dict[str, Any]) -> None:
-    from pipeline.io import save_weights
-
-    save_weights(directory, model.state_dict(), config)
+def save_gated_vit(directory, model: GatedViT, config: ModelConfig) -> None:
+    save_weights(directory, model.state_dict(), config.to_json())
 
 
-def load_gated_vit(directory) -> tuple[GatedViT, dict[str, Any]]:
+def load_gated_vit(directory) -> tuple[GatedViT, ModelConfig]:
     """Load a model written by the `finetune` stage (safetensors + config.json; no pickle)."""
-    from pipeline.io import load_weights
-
-    state, config = load_weights(directory)
+    state, raw = load_weights(directory)
     try:
+        config = ModelConfig.from_json(raw)
         model = gated_vit_from_config(config)
     except (KeyError, TypeError, ValueError, PipelineError) as exc:  # ParamsError is a ValueError
         raise PipelineError(f"{directory}/config.json: cannot rebuild the model ({type(exc).__name__}: {exc}); rerun `finetune`") from None

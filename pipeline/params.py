@@ -193,8 +193,11 @@ class ExtractParams(Section):
 
 # ---------------------------------------------------------------------------------------- sae
 class SaeParams(Section):
-    """`train_sae`: the TopK sparse autoencoder on the final block's CLS input."""
+    """`train_sae`: the sparse autoencoder on the final block's CLS input."""
 
+    architecture: Literal["topk"] = "topk"
+    """SAE kind (`pipeline.sae.ARCHITECTURES`): `topk` (OpenAI's TopK SAE, the paper's). A new
+    kind is a `SparseAutoencoder` subclass plus its trainer; statistics and steering use any."""
     expansion: Annotated[int, Field(ge=1)] = 8
     """Number of latents as a multiple of the embedding width D (paper: 8 x 384 = 3072)."""
     n_latents: Annotated[int, Field(ge=1)] | None = None
@@ -252,15 +255,13 @@ class StatsParams(Section):
 
 
 # -------------------------------------------------------------------------------------- steer
-Strategy = Literal["per_class", "global", "random"]
-
-
 class SteerParams(Section):
     """`steer`: amplify latent sets and measure accuracy and final-block head usage."""
 
-    strategies: list[Strategy] = ["per_class", "global", "random"]
-    """Which latent sets to steer: the true class's set (oracle), the global set, or random
-    sets of the same size."""
+    strategies: list[str] = ["per_class", "global", "random"]
+    """Which latent sets to steer, by name in `pipeline.strategies.STRATEGIES`: `per_class` (the
+    true class's set, an oracle), `global` (the global set), `random` (random sets of the same
+    size). Unknown names are refused by every command (exit 2)."""
     alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
     """Steering strengths; 0 is the unsteered baseline and is always evaluated."""
     mode: Literal["scale", "add"] = "scale"

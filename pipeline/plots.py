@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.io import atomic_path
+from pipeline.storage import atomic_path
 
 DPI = 100
 # rc settings that could otherwise leak in from a user's matplotlibrc and change the bytes
@@ -108,18 +108,17 @@ def frequency_histogram(
         save_figure(fig, path)
 
 
-STRATEGY_STYLE = {"per_class": ("tab:green", "o"), "global": ("tab:blue", "s"), "random": ("tab:gray", "^")}
-
-
-def steering_curves(curves: dict[str, dict[str, list[float]]], path: Path | str) -> None:
+def steering_curves(
+    curves: dict[str, dict[str, list[float]]], styles: dict[str, tuple[str, str]], path: Path | str
+) -> None:
     """Accuracy and final-block head usage vs alpha, one line per strategy (the paper's
     Figures 2 and 3, side by side). `curves[strategy]` holds lists `alpha`, `accuracy`,
-    `head_usage`."""
+    `head_usage`; `styles[strategy]` is its (colour, marker)."""
     with matplotlib.rc_context(_RC):
         fig = _new_figure(10.0, 4.0)
         axes = fig.subplots(1, 2)
         for strategy, curve in curves.items():
-            colour, marker = STRATEGY_STYLE.get(strategy, ("black", "x"))
+            colour, marker = styles.get(strategy, ("black", "x"))
             for ax, key in zip(axes, ("accuracy", "head_usage")):
                 ax.plot(curve["alpha"], curve[key], marker=marker, color=colour, label=strategy)
         for ax, label in zip(axes, ("test accuracy", "final-block head usage")):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.gated_vit import ModelConfig
 from pipeline.params import Params
 from pipeline.steering import ClassHeadline
+from pipeline.strategies import STRATEGIES
 
 # What the paper reports (Lee and Har, AAAI 2026 student abstract; ViT-S/16, CIFAR-100).
 PAPER_CLASSES = {
@@ -33,7 +35,7 @@ def _row(c: ClassHeadline, names: list[str]) -> str:
 
 def render_report(
     params: Params,
-    config: dict[str, Any],
+    config: ModelConfig,
     stats: dict[str, Any],
     steer: dict[str, Any],
     headline: list[ClassHeadline],
@@ -41,29 +43,31 @@ def render_report(
     finetune: dict[str, Any],
     sae: dict[str, Any],
 ) -> str:
-    sp, shape = params.steer, config["shape"]
-    paper_scale = shape["embed_dim"] == 384 and shape["depth"] == 12 and params.data.source != "synthetic"
+    sp, shape = params.steer, config.shape
+    paper_scale = shape.embed_dim == 384 and shape.depth == 12 and params.data.source != "synthetic"
+    drawn = [s for s in sp.strategies if STRATEGIES[s].uses_draws]
+    draws = f" ({sp.random_draws} {'/'.join(drawn)} draws)" if drawn else ""
     lines = [
         "# Steering SAE latents to control dynamic head pruning: run report",
         "",
         "Reproduces Lee and Har, *Steering Sparse Autoencoder Latents to Control Dynamic Head Pruning in",
         "Vision Transformers* (AAAI 2026 student abstract) with this pipeline. All numbers below are",
         "computed by this run from its own artifacts (`metrics/*.json`, `data/steer/results.parquet`).",
-        f"Heads are numbered from {sp.head_index_base} (h{sp.head_index_base} .. h{shape['num_heads'] - 1 + sp.head_index_base}).",
+        f"Heads are numbered from {sp.head_index_base} (h{sp.head_index_base} .. h{shape.num_heads - 1 + sp.head_index_base}).",
         "",
         "## Configuration",
         "",
         "| part | setting |",
         "|---|---|",
-        f"| data | `{params.data.source}`, {len(config['class_names'])} classes |",
-        f"| model | `{config['timm_name']}` img {shape['img_size']}, patch {shape['patch_size']}, width {shape['embed_dim']}, "
-        f"depth {shape['depth']}, {shape['num_heads']} heads, gated from block {config['keep_layers']}; "
+        f"| data | `{params.data.source}`, {len(config.class_names)} classes |",
+        f"| model | `{config.timm_name}` img {shape.img_size}, patch {shape.patch_size}, width {shape.embed_dim}, "
+        f"depth {shape.depth}, {shape.num_heads} heads, gated from block {config.keep_layers}; "
         f"{'pretrained' if params.model.pretrained else 'from checkpoint' if params.model.checkpoint else 'from scratch'} |",
         f"| fine-tuning | {params.finetune.epochs} epochs, head target {params.finetune.head_target}, weight {params.finetune.head_weight}, tau {params.finetune.tau} |",
         f"| SAE | TopK, {sae.get('n_latents')} latents, k = {sae.get('k')}, {params.sae.epochs} epochs |",
         f"| statistics | top-{params.stats.top_k} most frequent latents (train split) |",
         f"| steering | mode `{sp.mode}`, keep_error {sp.keep_error}, alphas {sorted(set(sp.alphas) | {0.0})}, "
-        f"strategies {', '.join(sp.strategies)} ({sp.random_draws} random draws), tolerance {sp.accuracy_tolerance} |",
+        f"strategies {', '.join(sp.strategies)}{draws}, tolerance {sp.accuracy_tolerance} |",
         "",
         "## Model and SAE",
         "",

@@ -14,13 +14,17 @@ distinct (image, gate pattern) pair across all variants, instead of once per var
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from pipeline.gated_vit import GatedViT, preprocess
+from pipeline.gated_vit import GatedViT, ModelConfig
+from pipeline.params import ParamsError
 from pipeline.progress import progress
+from pipeline.sae import SparseAutoencoder
+from pipeline.strategies import STRATEGIES, LatentSets, unknown_strategies
 
 
 @dataclass(frozen=True)
@@ -32,28 +36,9 @@ class Variant:
     draw: int = 0
 
 
-@dataclass
-class LatentSets:
-    """The latent sets steering uses, as boolean masks over the SAE's latents."""
-
-    per_class: Tensor
-    """(C, n_latents) bool: the set of each class."""
-    global_set: Tensor
-    """(n_latents,) bool."""
-    random: Tensor
-    """(draws, n_latents) bool: random sets of the global set's size."""
-    mean_active: Tensor
-    """(n_latents,) mean active value of each latent (for mode "add")."""
-
-    def mask(self, variant: Variant, labels: Tensor) -> Tensor:
-        """(B, n_latents) bool mask of the latents to steer for these images."""
-        if variant.strategy == "per_class":
-            return self.per_class[labels]
-        if variant.strategy == "global":
-            return self.global_set.expand(len(labels), -1)
-        if variant.strategy == "random":
-            return self.random[variant.draw].expand(len(labels), -1)
-        raise ValueError(f"unknown strategy {variant.strategy!r}")
+def steering_mask(sets: LatentSets, variant: Variant, labels: Tensor) -> Tensor:
+    """(B, n_latents) bool mask of the latents `variant` steers for images of these labels."""
+    return STRATEGIES[variant.strategy].mask(sets, labels, variant.draw)
 
 
 def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
@@ -80,7 +65,7 @@ def steer_latents(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def steered_input(x: Tensor, z: Tensor, z_steered: Tensor, sae, keep_error: bool) -> Tensor:
+def steered_input(x: Tensor, z: Tensor, z_steered: Tensor, sae: SparseAutoencoder, keep_error: bool) -> Tensor:
     """The decision network's new input x'."""
     if keep_error:
         return x + (sae.decode(z_steered) - sae.decode(z))
@@ -126,72 +111,64 @@ class Tally:
 
 def variants_for(strategies: list[str], alphas: list[float], random_draws: int) -> list[Variant]:
     """Every (strategy, alpha, draw) to evaluate; alpha 0 is the shared baseline."""
+    unknown = unknown_strategies(strategies)
+    if unknown:
+        position, name = unknown[0]
+        raise ParamsError(f"steer.strategies.{position} = {name!r}: unknown strategy (known: {', '.join(STRATEGIES)})")
     grid = sorted(set(alphas) | {0.0})
     out = []
     for strategy in strategies:
-        draws = random_draws if strategy == "random" else 1
+        draws = random_draws if STRATEGIES[strategy].uses_draws else 1
         out += [Variant(strategy, a, d) for a in grid for d in range(draws)]
     return out
 
 
+SteerFn = Callable[..., tuple[Tensor, Tensor]]
+"""(model, sae, sets, normalised images, labels, variants, mode, keep_error) -> gates (V, B, H)
+and predictions (V, B): the signature of a reference steering implementation."""
+
+
 @torch.no_grad()
 def steer_batch(
-    model: GatedViT, sae, sets: LatentSets, tokens: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
+    model: GatedViT, sae: SparseAutoencoder, sets: LatentSets, tokens: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
 ) -> tuple[Tensor, Tensor]:
     """Gates (V, B, H) and predictions (V, B) of all variants, reusing `tokens` (fast path)."""
     x = tokens[:, 0]
     z = sae.encode(x)
     gates = []
     for variant in variants:
-        z_steered = steer_latents(z, sets.mask(variant, labels), variant.alpha, mode, sets.mean_active)
+        z_steered = steer_latents(z, steering_mask(sets, variant, labels), variant.alpha, mode, sets.mean_active)
         x_steered = steered_input(x, z, z_steered, sae, keep_error)
         gates.append((model.final_gate_logits(x_steered) > 0).to(tokens.dtype))
     gates_t = torch.stack(gates)
     return gates_t, final_block_outcomes(model, tokens, gates_t)
 
 
-@torch.no_grad()
-def steer_batch_naive(
-    model: GatedViT, sae, sets: LatentSets, images: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
-) -> tuple[Tensor, Tensor]:
-    """Reference: the whole model once per variant (for tests and the benchmark)."""
-    gates, preds = [], []
-    for variant in variants:
-        tokens = model.forward_to_final(images)
-        x = tokens[:, 0]
-        z = sae.encode(x)
-        z_steered = steer_latents(z, sets.mask(variant, labels), variant.alpha, mode, sets.mean_active)
-        g = (model.final_gate_logits(steered_input(x, z, z_steered, sae, keep_error)) > 0).to(tokens.dtype)
-        gates.append(g)
-        preds.append(model.forward_final(tokens, g).argmax(-1))
-    return torch.stack(gates), torch.stack(preds)
-
-
 def run_sweep(
     model: GatedViT,
-    sae,
+    sae: SparseAutoencoder,
     sets: LatentSets,
     images: Tensor,
     labels: Tensor,
-    config: dict,
+    config: ModelConfig,
     variants: list[Variant],
     mode: str,
     keep_error: bool,
     batch_size: int,
     device: torch.device,
-    naive: bool = False,
+    steer_fn: SteerFn | None = None,
 ) -> tuple[Tally, Tensor]:
     """Evaluate every variant on uint8 `images`; returns the tally and the stream's CLS inputs."""
     model.eval().to(device)
     sae.eval().to(device)
-    sets = LatentSets(*(t.to(device) for t in (sets.per_class, sets.global_set, sets.random, sets.mean_active)))
-    tally = Tally(n_classes=len(config["class_names"]), n_heads=model.num_heads)
+    sets = sets.to(device)
+    tally = Tally(n_classes=len(config.class_names), n_heads=model.num_heads)
     cls_inputs = []
     for start in progress(range(0, len(images), batch_size), desc="steer", unit="batch"):
-        x = preprocess(images[start : start + batch_size].to(device), config["shape"]["img_size"], config["mean"], config["std"])
+        x = config.preprocess(images[start : start + batch_size].to(device))
         y = labels[start : start + batch_size].to(device)
-        if naive:
-            gates, preds = steer_batch_naive(model, sae, sets, x, y, variants, mode, keep_error)
+        if steer_fn is not None:  # a reference implementation from the images (tests, bench/)
+            gates, preds = steer_fn(model, sae, sets, x, y, variants, mode, keep_error)
         else:
             with torch.no_grad():
                 tokens = model.forward_to_final(x)

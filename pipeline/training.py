@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,47 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.gated_vit import GatedViT, preprocess
-from pipeline.io import PipelineError
+from pipeline.errors import PipelineError
+from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.params import AugmentParams, FinetuneParams
 from pipeline.progress import progress
+from pipeline.runtime import DistInfo
+from pipeline.storage import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- distribution
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def device_and_distributed(requested: str) -> tuple[torch.device, DistInfo]:
-    """The device a stage runs on plus its torchrun rank: under torchrun on GPUs each process
-    takes the GPU of its local rank."""
-    from pipeline.io import pick_device
-
-    device = pick_device(requested)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    return device, dist_info
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -132,13 +98,13 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: GatedViT, images: Tensor, labels: Tensor, config: dict[str, Any], device: torch.device, batch_size: int) -> Evaluation:
+def evaluate(model: GatedViT, images: Tensor, labels: Tensor, config: ModelConfig, device: torch.device, batch_size: int) -> Evaluation:
     """Eval-mode accuracy and head usage (deterministic gates) over a uint8 image tensor."""
     was_training = model.training
     model.eval()
     preds, gate_sums = [], torch.zeros(len(model.gated_blocks), model.num_heads, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
-        x = preprocess(images[start : start + batch_size].to(device), config["shape"]["img_size"], config["mean"], config["std"])
+        x = config.preprocess(images[start : start + batch_size].to(device))
         out = model(x)
         preds.append(out.logits.argmax(-1).cpu())
         gate_sums += out.gates.sum(0).double().cpu()
@@ -164,7 +130,7 @@ class TrainState:
     history: list[dict[str, float]]
 
 
-def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: dict[str, Any], params: FinetuneParams) -> str:
+def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: ModelConfig, params: FinetuneParams) -> str:
     """Hash of everything that determines a training run: initial weights, training data, model
     config and the finetune params that change the arithmetic (not `resume`, `num_workers`,
     `device`). A checkpoint is resumed only by a run with the same fingerprint: models/vit_ckpt
@@ -172,7 +138,7 @@ def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: di
     removes it), and resuming another run's checkpoint would silently return that run's weights."""
     h = hashlib.sha256()
     settings = params.model_dump(mode="json", exclude={"resume", "num_workers", "device"})
-    h.update(json.dumps({"finetune": settings, "model": config}, sort_keys=True).encode())
+    h.update(json.dumps({"finetune": settings, "model": config.to_json()}, sort_keys=True).encode())
     tensors = [t for _, t in sorted(model.state_dict().items())] + [images, labels]
     for t in tensors:
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -180,8 +146,6 @@ def run_fingerprint(model: nn.Module, images: Tensor, labels: Tensor, config: di
 
 
 def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: TrainState, fingerprint: str) -> None:
-    from pipeline.io import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(
             {
@@ -224,10 +188,10 @@ def train(
     train_labels: Tensor,
     test_images: Tensor,
     test_labels: Tensor,
-    config: dict[str, Any],
+    config: ModelConfig,
     params: FinetuneParams,
     device: torch.device,
-    dist_info: DistInfo = DistInfo(),
+    dist_info: DistInfo | None = None,
     checkpoint: Path | None = None,
 ) -> list[dict[str, float]]:
     """Train in place; return per-epoch history (train loss/accuracy, test accuracy, usage).
@@ -235,6 +199,7 @@ def train(
     With `checkpoint`, the state after every epoch is saved there, and training continues from
     it when it exists and `params.resume` is set (the resumed run equals an uninterrupted one).
     """
+    dist_info = dist_info or DistInfo()
     if params.batch_size % dist_info.world:
         # finetune.nproc is checked against the batch when params load, but only this process sees
         # the whole run (nodes x processes per node); a remainder would silently be dropped
@@ -253,7 +218,6 @@ def train(
     steps_per_epoch = n // params.batch_size if n >= params.batch_size else 1
     total_steps = steps_per_epoch * params.epochs
     warmup = round(params.warmup_epochs * steps_per_epoch)
-    img_size, mean, std = config["shape"]["img_size"], config["mean"], config["std"]
     autocast = device.type == "cuda" and params.precision == "bf16"
 
     state = TrainState(epoch=0, history=[])
@@ -275,7 +239,7 @@ def train(
             idx = perm[step_in_epoch * params.batch_size : (step_in_epoch + 1) * params.batch_size]
             aug = augment(train_images[idx], params.augment, gen)  # same draws on every rank
             idx_rank = slice(dist_info.rank * per_rank, (dist_info.rank + 1) * per_rank)
-            x = preprocess(aug[idx_rank].to(device, non_blocking=True), img_size, mean, std)
+            x = config.preprocess(aug[idx_rank].to(device, non_blocking=True))
             y = train_labels[idx][idx_rank].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = ddp_model(x)

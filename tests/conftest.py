@@ -47,7 +47,7 @@ def write_embeddings(
     import pyarrow as pa
 
     from pipeline.embeddings import embedding_schema
-    from pipeline.io import parquet_writer
+    from pipeline.storage import parquet_writer
 
     x, labels = np.asarray(x), np.asarray(labels)
     n, dim = x.shape

@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from conftest import REPO_ROOT, dvc_env
 from pipeline.params import parse_params
+
+from conftest import REPO_ROOT, dvc_env
 
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 

@@ -18,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data as D
-from pipeline.io import PipelineError, metadata_dict
+from pipeline import dataset, sources
+from pipeline.errors import PipelineError
+from pipeline.sources import synthetic
 from pipeline.stages import download
+from pipeline.storage import metadata_dict
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
@@ -49,21 +51,21 @@ def test_synthetic_is_deterministic_and_seeded(tmp_path, tiny_params):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out in (a, b, c):
         out.mkdir()
-    D.build_dataset(data, a)
-    D.build_dataset(data, b, workers=1)
-    D.build_dataset(data.model_copy(update={"seed": 1}), c)
-    for split in D.SPLITS:
+    sources.build_dataset(data, a)
+    sources.build_dataset(data, b, workers=1)
+    sources.build_dataset(data.model_copy(update={"seed": 1}), c)
+    for split in dataset.SPLITS:
         assert (a / f"{split}.parquet").read_bytes() == (b / f"{split}.parquet").read_bytes()
         # another seed draws other images (not only other metadata)
-        assert not torch.equal(D.load_images(a / f"{split}.parquet").images, D.load_images(c / f"{split}.parquet").images)
+        assert not torch.equal(dataset.load_images(a / f"{split}.parquet").images, dataset.load_images(c / f"{split}.parquet").images)
     # train and test are different images, not the same draws twice
-    train, test = D.load_images(a / "train.parquet"), D.load_images(a / "test.parquet")
+    train, test = dataset.load_images(a / "train.parquet"), dataset.load_images(a / "test.parquet")
     assert not torch.equal(train.images[: len(test)], test.images)
 
 
 def test_synthetic_layout_and_metadata(tmp_path, tiny_params):
     data = tiny_params(data={"synthetic": {"num_classes": 3, "train_per_class": 5, "test_per_class": 2}}).data
-    summary = D.build_dataset(data, tmp_path)
+    summary = sources.build_dataset(data, tmp_path)
     pf = pq.ParquetFile(tmp_path / "train.parquet")
     assert pf.schema_arrow.names == ["image", "label", "index"]
     meta = metadata_dict(pf.schema_arrow)
@@ -71,7 +73,7 @@ def test_synthetic_layout_and_metadata(tmp_path, tiny_params):
     assert meta["split"] == "train" and meta["image_size"] == [16, 16]
     assert meta["source"]["kind"] == "synthetic" and meta["source"]["seed"] == 0
     assert meta["source"]["num_classes"] == 3 and meta["source"]["noise"] == 0.05
-    images = D.load_images(tmp_path / "train.parquet")
+    images = dataset.load_images(tmp_path / "train.parquet")
     assert images.images.shape == (15, 3, 16, 16) and images.images.dtype == torch.uint8
     assert images.labels.tolist() == [0, 1, 2] * 5  # classes interleaved
     assert images.index.tolist() == list(range(15))
@@ -80,36 +82,36 @@ def test_synthetic_layout_and_metadata(tmp_path, tiny_params):
 
 
 def test_synthetic_row_groups_are_fixed(tmp_path, tiny_params, monkeypatch):
-    monkeypatch.setattr(D, "ROW_GROUP_SIZE", 8)
-    D.build_dataset(tiny_params().data, tmp_path)  # 4 classes x 16 = 64 train rows
+    monkeypatch.setattr(dataset, "ROW_GROUP_SIZE", 8)
+    sources.build_dataset(tiny_params().data, tmp_path)  # 4 classes x 16 = 64 train rows
     pf = pq.ParquetFile(tmp_path / "train.parquet")
     assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [8] * 8
 
 
 def test_synthetic_classes_share_attributes():
-    combos = D.synthetic_classes(48)
+    combos = synthetic.synthetic_classes(48)
     assert len(set(combos)) == 48
-    names = D.synthetic_class_names(10)
+    names = synthetic.synthetic_class_names(10)
     colours = [n.split("_")[0] for n in names]
     shapes = [n.split("_")[1] for n in names]
     textures = [n.split("_")[2] for n in names]
-    for values, vocabulary in ((colours, D.COLOURS), (shapes, D.SHAPES), (textures, D.TEXTURES)):
+    for values, vocabulary in ((colours, synthetic.COLOURS), (shapes, synthetic.SHAPES), (textures, synthetic.TEXTURES)):
         assert set(values) == set(vocabulary)
         assert min(values.count(v) for v in vocabulary) >= 2, "every attribute value shared by 2+ classes"
     # the first two classes ("plate" and "bowl") differ only in shape
     assert names[:2] == ["red_circle_solid", "red_ring_solid"]
     with pytest.raises(PipelineError, match="at most 48"):
-        D.synthetic_classes(49)
+        synthetic.synthetic_classes(49)
 
 
 def test_render_draws_the_shape_it_names():
     classes = [("red", "circle", "solid"), ("red", "ring", "solid"), ("blue", "square", "stripes")]
     size = 32
-    params = np.full((3, D._N_PARAMS), 0.5)
-    params[:, D._P_RADIUS] = 1.0  # radius 0.4 * size, centred (cx = cy = 0.5)
-    params[:, D._P_BG] = 0.0  # dark grey background (0.1)
-    images = D.render_synthetic(classes, np.arange(3), params, np.zeros((3, size, size, 3)), size) / 255.0
-    red = np.array(D.COLOURS["red"])
+    params = np.full((3, synthetic._N_PARAMS), 0.5)
+    params[:, synthetic._P_RADIUS] = 1.0  # radius 0.4 * size, centred (cx = cy = 0.5)
+    params[:, synthetic._P_BG] = 0.0  # dark grey background (0.1)
+    images = synthetic.render_synthetic(classes, np.arange(3), params, np.zeros((3, size, size, 3)), size) / 255.0
+    red = np.array(synthetic.COLOURS["red"])
     centre, corner = (size // 2, size // 2), (0, 0)
     np.testing.assert_allclose(images[0][centre], red, atol=0.01)  # disc: colour at the centre
     np.testing.assert_allclose(images[1][centre], [0.1] * 3, atol=0.01)  # ring: hole at the centre
@@ -128,8 +130,8 @@ def test_synthetic_not_separable_by_mean_colour_but_learnable(tmp_path, tiny_par
             "synthetic": {"num_classes": 10, "train_per_class": 60, "test_per_class": 30, "image_size": 32, "noise": 0.08}
         }
     ).data  # the demo's classes, size and noise; fewer images
-    D.build_dataset(data, tmp_path)
-    train, test = D.load_images(tmp_path / "train.parquet"), D.load_images(tmp_path / "test.parquet")
+    sources.build_dataset(data, tmp_path)
+    train, test = dataset.load_images(tmp_path / "train.parquet"), dataset.load_images(tmp_path / "test.parquet")
 
     def knn_accuracy(features, k: int = 5) -> float:
         """k-nearest-neighbour vote on standardised per-image features."""
@@ -166,8 +168,8 @@ def test_synthetic_not_separable_by_mean_colour_but_learnable(tmp_path, tiny_par
 def test_max_per_class_keeps_the_first_images(tmp_path, tiny_params):
     full, small = tmp_path / "full", tmp_path / "small"
     full.mkdir(), small.mkdir()
-    D.build_dataset(tiny_params().data, full)
-    summary = D.build_dataset(tiny_params(data={"max_per_class": 3}).data, small)
+    sources.build_dataset(tiny_params().data, full)
+    summary = sources.build_dataset(tiny_params(data={"max_per_class": 3}).data, small)
     assert summary["splits"]["train"]["total"] == 12 and summary["splits"]["test"]["total"] == 12
     a, b = pq.read_table(full / "train.parquet"), pq.read_table(small / "train.parquet")
     assert b.column("index").to_pylist() == list(range(12))
@@ -176,8 +178,8 @@ def test_max_per_class_keeps_the_first_images(tmp_path, tiny_params):
 
 
 def test_first_per_class():
-    assert D.first_per_class([0, 0, 1, 0, 1, 2, 1], 2) == [0, 1, 2, 4, 5]
-    assert D.first_per_class([3, 3, 3], None) == [0, 1, 2]
+    assert dataset.first_per_class([0, 0, 1, 0, 1, 2, 1], 2) == [0, 1, 2, 4, 5]
+    assert dataset.first_per_class([3, 3, 3], None) == [0, 1, 2]
 
 
 def test_download_stage_writes_dataset_and_metrics(in_tmp, tiny_params):
@@ -218,8 +220,8 @@ def test_imagefolder_reads_a_tree(tmp_path, tiny_params):
     out = tmp_path / "out"
     out.mkdir()
     data = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree")}).data
-    summary = D.build_dataset(data, out)
-    train = D.load_images(out / "train.parquet")
+    summary = sources.build_dataset(data, out)
+    train = dataset.load_images(out / "train.parquet")
     assert train.class_names == ["cat", "dog"]
     assert train.labels.tolist() == [0, 0, 0, 1, 1]
     assert train.index.tolist() == [0, 1, 2, 3, 4]
@@ -236,15 +238,15 @@ def test_imagefolder_reads_a_tree(tmp_path, tiny_params):
     # threads change nothing
     again = tmp_path / "again"
     again.mkdir()
-    D.build_dataset(data, again, workers=1)
+    sources.build_dataset(data, again, workers=1)
     assert (again / "train.parquet").read_bytes() == (out / "train.parquet").read_bytes()
 
 
 def test_imagefolder_max_per_class_keeps_source_index(tmp_path, tiny_params):
     _make_tree(tmp_path / "tree")
     data = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree"), "max_per_class": 1}).data
-    D.build_dataset(data, tmp_path)
-    train = D.load_images(tmp_path / "train.parquet")
+    sources.build_dataset(data, tmp_path)
+    train = dataset.load_images(tmp_path / "train.parquet")
     assert train.labels.tolist() == [0, 1] and train.index.tolist() == [0, 3]
 
 
@@ -348,11 +350,11 @@ def test_cli_reports_a_bad_folder(in_tmp, tiny_params_dict):
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="no local CIFAR-100 image folder at ../shared/data/cifar100")
 def test_imagefolder_real_cifar100(tmp_path, tiny_params):
     data = tiny_params(data={"source": "imagefolder", "path": str(SHARED_CIFAR), "max_per_class": 2}).data
-    summary = D.build_dataset(data, tmp_path)
+    summary = sources.build_dataset(data, tmp_path)
     assert summary["num_classes"] == 100 and summary["image_size"] == [32, 32]
     assert summary["class_names"][:3] == ["apple", "aquarium_fish", "baby"]
     assert summary["splits"]["train"]["total"] == 200 and summary["splits"]["test"]["total"] == 200
-    train = D.load_images(tmp_path / "train.parquet", num_workers=2)
+    train = dataset.load_images(tmp_path / "train.parquet", num_workers=2)
     assert train.index[:4].tolist() == [0, 1, 500, 501]  # 500 training images per class
     assert 90 < train.images.float().mean() < 150  # real photographs, not blank
 
@@ -419,8 +421,8 @@ def test_cifar100_downloads_and_converts(in_tmp, tiny_params, fake_cifar):
     assert fake_cifar["calls"], "torchvision fetched the archive through urlopen"
     assert (in_tmp / "data" / "raw" / "cifar-100-python.tar.gz").exists()  # default cache
     arrays = fake_cifar["arrays"]
-    for split in D.SPLITS:
-        images = D.load_images(in_tmp / "data" / "dataset" / f"{split}.parquet")
+    for split in dataset.SPLITS:
+        images = dataset.load_images(in_tmp / "data" / "dataset" / f"{split}.parquet")
         assert images.class_names == FAKE_CLASSES
         assert images.labels.tolist() == arrays[f"{split}_labels"].tolist()
         assert torch.equal(images.images, torch.from_numpy(arrays[split]).permute(0, 3, 1, 2))
@@ -433,7 +435,7 @@ def test_cifar100_downloads_and_converts(in_tmp, tiny_params, fake_cifar):
 def test_cifar100_max_per_class(in_tmp, tiny_params, fake_cifar):
     download.run(tiny_params(data={"source": "cifar100", "path": "cache", "max_per_class": 1}))
     labels = fake_cifar["arrays"]["train_labels"].tolist()
-    train = D.load_images(in_tmp / "data" / "dataset" / "train.parquet")
+    train = dataset.load_images(in_tmp / "data" / "dataset" / "train.parquet")
     expected = [labels.index(c) for c in sorted(set(labels), key=labels.index)]
     assert train.index.tolist() == expected
     assert (in_tmp / "cache" / "cifar-100-python.tar.gz").exists()
@@ -471,21 +473,21 @@ def test_cifar100_offline_says_how_to_use_a_local_copy(in_tmp, tiny_params, fake
 # ------------------------------------------------------------------------------------ reading
 def test_load_images_errors(tmp_path, tiny_params):
     with pytest.raises(PipelineError, match="missing"):
-        D.load_images(tmp_path / "nothing.parquet")
-    D.build_dataset(tiny_params().data, tmp_path)
+        dataset.load_images(tmp_path / "nothing.parquet")
+    sources.build_dataset(tiny_params().data, tmp_path)
     good = tmp_path / "train.parquet"
     truncated = tmp_path / "truncated.parquet"
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(PipelineError, match="truncated.parquet"):
-        D.load_images(truncated)
+        dataset.load_images(truncated)
     wrong = tmp_path / "wrong.parquet"
     pq.write_table(pa.table({"image": pa.array([b"x"], pa.binary()), "label": pa.array([0], pa.int32())}), wrong)
     with pytest.raises(PipelineError, match="column 'index' missing"):
-        D.load_images(wrong)
+        dataset.load_images(wrong)
     table = pq.read_table(good)
     blobs = table.column("image").to_pylist()
     blobs[5] = blobs[5][:40]
     corrupt = tmp_path / "corrupt.parquet"
     pq.write_table(table.set_column(0, "image", pa.array(blobs, pa.binary())), corrupt)
     with pytest.raises(PipelineError, match="row 5 cannot be decoded"):
-        D.load_images(corrupt, num_workers=2)
+        dataset.load_images(corrupt, num_workers=2)

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.params import parse_params
+
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
-from pipeline.params import parse_params
 
 ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "steer"}
 
@@ -216,18 +217,54 @@ def _pipeline_imports(path: Path) -> set[str]:
     return found
 
 
+# Packages whose __init__ finds its modules at run time (a registry): importing the package
+# uses every module in it, which no import statement names.
+DISCOVERED_PACKAGES = {"pipeline.sources"}
+# Package files that hold nothing but a docstring: never a dependency.
+EMPTY_PACKAGES = {"pipeline", "pipeline.stages", "pipeline.layout"}
+
+
+def _module_file(name: str) -> Path | None:
+    for path in (REPO_ROOT / (name.replace(".", "/") + ".py"), REPO_ROOT / name.replace(".", "/") / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
 def _code_closure(module: str) -> set[str]:
     """The .py files of `module` and of every pipeline module it imports, transitively."""
     files, todo, seen = set(), [module], set()
     while todo:
         name = todo.pop()
-        path = REPO_ROOT / (name.replace(".", "/") + ".py")
-        if name in seen or not path.exists():
+        path = _module_file(name)
+        if name in seen or path is None:
             continue
         seen.add(name)
-        files.add(path.relative_to(REPO_ROOT).as_posix())
+        if name in DISCOVERED_PACKAGES:
+            todo += [f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]
+        if name not in EMPTY_PACKAGES:
+            files.add(path.relative_to(REPO_ROOT).as_posix())
         todo.extend(_pipeline_imports(path))
     return files
+
+
+def _listed_code(deps: list[str]) -> set[str]:
+    """The pipeline .py files a stage's deps name (a directory stands for every file in it)."""
+    files = set()
+    for dep in deps:
+        if not dep.startswith("pipeline/"):
+            continue
+        path = REPO_ROOT / dep
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files.update(f.relative_to(REPO_ROOT).as_posix() for f in found)
+    return files
+
+
+def test_empty_packages_hold_only_a_docstring():
+    """What lets the closure below leave them out."""
+    for name in EMPTY_PACKAGES:
+        body = ast.parse(_module_file(name).read_text()).body
+        assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body), name
 
 
 def test_every_stage_lists_exactly_the_code_it_imports():
@@ -237,8 +274,42 @@ def test_every_stage_lists_exactly_the_code_it_imports():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     assert set(stages) == ALL_STAGES
     for name, stage in stages.items():
-        listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
-        assert listed == _code_closure(f"pipeline.stages.{name}"), name
+        assert _listed_code(stage["deps"]) == _code_closure(f"pipeline.stages.{name}"), name
+
+
+def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_use_them():
+    """The point of the module split: editing a data source reruns `download` only, editing the
+    SAE trainer reruns `train_sae` only, and `extract` no longer depends on the training loop."""
+    closures = {name: _code_closure(f"pipeline.stages.{name}") for name in ALL_STAGES}
+    source_files = {f"pipeline/sources/{p.name}" for p in (REPO_ROOT / "pipeline/sources").glob("*.py")}
+    assert {"pipeline/sources/synthetic.py", "pipeline/sources/imagefolder.py", "pipeline/sources/cifar100.py"} <= source_files
+    assert [n for n, c in closures.items() if c & source_files] == ["download"]
+    assert [n for n, c in closures.items() if "pipeline/sae_training.py" in c] == ["train_sae"]
+    assert "pipeline/training.py" not in closures["extract"]
+    assert {n for n, c in closures.items() if "pipeline/dataset.py" in c} == {"download", "finetune", "extract", "steer"}
+
+
+def _outputs(stage: dict) -> set[str]:
+    """Everything a dvc.yaml stage declares it writes: outs, metrics and plots."""
+    paths = set()
+    for kind in ("outs", "metrics", "plots"):
+        for out in stage.get(kind, []):
+            paths.add(out if isinstance(out, str) else next(iter(out)))
+    return paths
+
+
+def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
+    """pipeline/layout/<stage>.py is where the code gets its paths; dvc.yaml is where DVC does.
+    A stage writes exactly what dvc.yaml declares, and reads only what it lists as deps."""
+    import importlib
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        layout = importlib.import_module(f"pipeline.layout.{name}")
+        assert {p.as_posix() for p in layout.WRITES} == _outputs(stage), name
+        assert {p.as_posix() for p in layout.READS} <= set(stage["deps"]), name
+        upstream = {path for other in stages.values() for path in _outputs(other)}
+        assert {d for d in stage["deps"] if not d.startswith("pipeline/")} <= upstream, name
 
 
 @pytest.mark.slow
@@ -271,6 +342,25 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
     train_sae.write_text(train_sae.read_text() + "\n# a comment\n")
     assert ran_stages(sh(repo, "dvc", "repro")) == {"train_sae"}
     commit(repo, "comment")
+
+
+@pytest.mark.slow
+def test_editing_a_source_or_the_sae_trainer_reruns_only_its_stage(project):
+    """Issue 13's rerun guarantee on the real `dvc`: an edited CIFAR-100 error message reruns
+    `download` alone (its data set comes out byte-identical, so `finetune` stays cached), and
+    an edit of the SAE trainer that keeps its outputs reruns `train_sae` alone."""
+    repo = project.repo
+    cifar = repo / "pipeline/sources/cifar100.py"
+    cifar.write_text(cifar.read_text().replace("no network?", "no network here?"))
+    status = sh(repo, "dvc", "status")
+    assert "download" in status and "finetune" not in status
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"download"}
+    commit(repo, "cifar100 message")
+
+    trainer = repo / "pipeline/sae_training.py"
+    trainer.write_text(trainer.read_text() + "\n# a comment\n")
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"train_sae"}
+    commit(repo, "trainer comment")
 
 
 # ------------------------------------------------------------------------------ sweeps

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import load_images
+from pipeline.dataset import load_images
 from pipeline.embeddings import read_embeddings
+from pipeline.errors import PipelineError
 from pipeline.gated_vit import load_gated_vit
-from pipeline.io import PipelineError
 from pipeline.params import parse_params
 from pipeline.stages import download, extract, finetune
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from pipeline.errors import PipelineError
 from pipeline.gated_vit import (
     GatedViT,
     build_gated_vit,
@@ -17,7 +18,6 @@ from pipeline.gated_vit import (
     model_config,
     save_gated_vit,
 )
-from pipeline.io import PipelineError
 from pipeline.params import ModelParams
 from pipeline.training import usage_loss
 
@@ -124,7 +124,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     config = model_config(ModelParams(**TINY), model.vit, 5, list("abcde"), tau=5.0)
     save_gated_vit(tmp_path / "vit", model, config)
     loaded, loaded_config = load_gated_vit(tmp_path / "vit")
-    assert loaded_config["class_names"] == list("abcde")
+    assert loaded_config.class_names == list("abcde")
     with torch.no_grad():
         a, b = model(images()), loaded(images())
     assert torch.equal(a.logits, b.logits) and torch.equal(a.gates, b.gates)
@@ -151,3 +151,49 @@ def test_malicious_checkpoint_is_rejected(tmp_path):
     model = tiny_model()
     with pytest.raises(PipelineError, match="rejected"):
         load_timm_checkpoint(model.vit, path)
+
+
+# ------------------------------------------------------------------------------ preprocessing
+def test_preprocess_at_the_native_size_only_normalises():
+    from pipeline.gated_vit import preprocess
+
+    raw = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = preprocess(raw, 8, [0.5, 0.25, 0.0], [0.5, 0.5, 2.0])
+    expected = (raw.float() / 255 - torch.tensor([0.5, 0.25, 0.0])[:, None, None]) / torch.tensor([0.5, 0.5, 2.0])[:, None, None]
+    assert out.shape == (2, 3, 8, 8) and torch.allclose(out, expected, atol=1e-6)
+
+
+def test_preprocess_upsamples_bilinearly_as_the_paper_configuration_does():
+    """The paper's setting feeds 32 px CIFAR images to a 224 px ViT-S/16. Bilinear with
+    half-pixel centres: a 2-pixel row 0, 255 becomes 0, 1/4, 3/4, 1 at 4 pixels."""
+    from pipeline.gated_vit import preprocess
+
+    row = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 2, 2)
+    out = preprocess(row, 4, [0.0] * 3, [1.0] * 3)
+    assert out.shape == (1, 3, 4, 4)
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    cifar = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert preprocess(cifar, 224, [0.5] * 3, [0.5] * 3).shape == (2, 3, 224, 224)
+
+
+def test_preprocess_antialiases_when_it_shrinks():
+    """One-pixel stripes shrunk 3x: without antialiasing bilinear sampling would pick single
+    stripes (values 0 or 1); the antialiased result is their local average, near 1/2."""
+    from pipeline.gated_vit import preprocess
+
+    stripes = (torch.arange(96) % 2 * 255).to(torch.uint8).view(1, 1, 1, 96).expand(1, 3, 96, 96)
+    out = preprocess(stripes, 32, [0.0] * 3, [1.0] * 3)
+    inner = out[0, 0, 1:-1, 1:-1]
+    assert out.shape == (1, 3, 32, 32) and (inner - 0.5).abs().max() < 0.2
+
+
+def test_the_model_config_preprocesses_at_its_own_size_and_round_trips_through_json():
+    from pipeline.gated_vit import ModelConfig, preprocess
+
+    model = tiny_model()
+    config = model_config(ModelParams(**{**TINY, "img_size": 32}), tiny_model(img_size=32).vit, 5, list("abcde"), tau=5.0)
+    assert config.shape.img_size == 32 and model.vit.patch_embed.img_size[0] == 16
+    raw = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(config.preprocess(raw), preprocess(raw, 32, config.mean, config.std))
+    assert ModelConfig.from_json(config.to_json()) == config
+    assert config.to_json()["shape"] == {"img_size": 32, "patch_size": 4, "embed_dim": 24, "depth": 3, "num_heads": 4}

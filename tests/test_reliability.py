@@ -50,10 +50,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydantic import BaseModel
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from typer.testing import CliRunner
 
+from pipeline import training
 from pipeline.cli import app
+from pipeline.gated_vit import build_gated_vit, model_config
 from pipeline.params import Params, parse_params
+from pipeline.runtime import seed_everything
 from pipeline.stages import download, extract, finetune, latent_stats, steer, train_sae
 
 from conftest import REPO_ROOT, TINY_PARAMS, _merge, reliability_case
@@ -749,6 +753,80 @@ def test_resume_ignores_a_checkpoint_made_with_other_parameters(work: Path, tmp_
     run_stage("finetune", new, work)
     assert "other parameters" in caplog.text
     assert tree("models/vit") == tree(reference / "models/vit")
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL, raised by the test right after a checkpoint is on disk."""
+
+
+def test_a_killed_train_resumes_from_the_checkpoint_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: train() killed right after its epoch-1 checkpoint (of 3 epochs) runs only the
+    steps of epochs 2 and 3 when started again on a fresh model, keeps the checkpoint's first
+    history row, and ends with an uninterrupted run's weights and history, bit for bit."""
+    params = parse_params(_merge(TINY_PARAMS, RESUMABLE))
+    fp = params.finetune
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    data = (images[:32], labels[:32], images[32:], labels[32:])  # 2 batches of 16 per epoch
+
+    real_lr_at, real_checkpoint = training.lr_at, training._checkpoint
+    schedule_steps: list[int] = []  # the step of every lr_at call (one per parameter group)
+
+    def recording_lr_at(step: int, *args: Any) -> float:
+        schedule_steps.append(step)
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(training, "lr_at", recording_lr_at)
+
+    def run(checkpoint: Path) -> tuple[torch.nn.Module, list[dict[str, float]], list[int], int]:
+        """A fresh seeded model (as `finetune` builds it) trained with `checkpoint`: the model,
+        the history, the schedule steps it ran and its optimizer steps."""
+        seed_everything(fp.seed)
+        model = build_gated_vit(params.model, num_classes=4, tau=fp.tau)
+        config = model_config(params.model, model.vit, 4, ["a", "b", "c", "d"], fp.tau)
+        schedule_steps.clear()
+        opt_steps = []
+        handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: opt_steps.append(1))
+        try:
+            history = training.train(model, *data, config, fp, torch.device("cpu"), checkpoint=checkpoint)
+        finally:
+            handle.remove()
+        return model, history, sorted(set(schedule_steps)), len(opt_steps)
+
+    def killed_after_epoch_1(path: Path, model: Any, opt: Any, gen: Any, state: Any, fingerprint: str) -> None:
+        real_checkpoint(path, model, opt, gen, state, fingerprint)
+        if state.epoch == 1:
+            raise Killed
+
+    checkpoint = tmp_path / "last.pt"
+    (tmp_path / "reference").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference, expected_history, steps, _ = run(tmp_path / "reference" / "last.pt")
+        assert steps == list(range(6))  # 3 epochs of 2 steps
+
+        monkeypatch.setattr(training, "_checkpoint", killed_after_epoch_1)
+        with pytest.raises(Killed):
+            run(checkpoint)
+        assert schedule_steps and sorted(set(schedule_steps)) == [0, 1]  # killed after epoch 1
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        assert saved["epoch"] == 1 and len(saved["history"]) == 1
+
+        monkeypatch.setattr(training, "_checkpoint", real_checkpoint)
+        resumed, history, steps, opt_steps = run(checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert steps == [2, 3, 4, 5] and opt_steps == 4  # epochs 2 and 3 only, from the schedule's step 2
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[0] == saved["history"][0]  # epoch 1 is the checkpoint's, not a rerun
+    assert history == expected_history
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == 3
+    expected = reference.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), f"{name} differs from the uninterrupted run"
 
 
 # ============================================================================ 5. safe loading

@@ -12,22 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.params import ParamsError, SaeParams
-from pipeline.sae import (
-    TopKSAE,
+from pipeline.sae import TopKSAE, load_sae, normalize_rows_, remove_parallel_, save_sae, topk_lowest_index
+from pipeline.sae_training import (
     _Grads,
     _train_step,
     dead_topk,
     evaluate_sae,
     geometric_median,
     input_scale_for,
-    load_sae,
-    normalize_rows_,
     normalized_mse,
-    remove_parallel_,
-    save_sae,
-    topk_lowest_index,
     train_sae,
 )
 
@@ -329,7 +324,7 @@ def test_load_rejects_mismatched_files(tmp_path: Path):
     with pytest.raises(PipelineError, match="W_enc"):
         load_sae(tmp_path / "sae")
     config_path.write_text(json.dumps({**config, "format": "something_else"}))
-    with pytest.raises(PipelineError, match="not a TopK SAE"):
+    with pytest.raises(PipelineError, match="not an SAE this pipeline knows"):
         load_sae(tmp_path / "sae")
     with pytest.raises(PipelineError, match="missing"):
         load_sae(tmp_path / "nowhere")

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import write_embeddings
 from pipeline import plots
 from pipeline import stats as st
+
+from conftest import write_embeddings
 
 # --------------------------------------------------------------------------- hand-built codes
 # 4 samples, k = 2, 5 latents, 2 classes. Sample 1 selects latent 2 with value 0: not a firing.

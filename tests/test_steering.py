@@ -8,7 +8,6 @@ from pipeline.gated_vit import build_gated_vit, model_config
 from pipeline.params import ModelParams
 from pipeline.sae import TopKSAE
 from pipeline.steering import (
-    LatentSets,
     Tally,
     Variant,
     final_block_outcomes,
@@ -18,9 +17,11 @@ from pipeline.steering import (
     select_headline,
     sets_to_mask,
     steer_batch,
-    steer_batch_naive,
     variants_for,
 )
+from pipeline.strategies import LatentSets
+
+from reference_steering import steer_batch_naive
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
 N_CLASSES, N_LATENTS = 5, 64
@@ -50,9 +51,8 @@ def setup(seed: int = 0):
 
 
 def normalised(model, config, images):
-    from pipeline.gated_vit import preprocess
 
-    return preprocess(images, config["shape"]["img_size"], config["mean"], config["std"])
+    return config.preprocess(images)
 
 
 def test_alpha_zero_and_empty_set_reproduce_the_unsteered_model():
@@ -134,9 +134,9 @@ def test_sweep_tally_rows_match_direct_computation():
     model, sae, config, images, labels, sets = setup()
     variants = variants_for(["per_class", "random"], [-1.0, 2.0], random_draws=2)
     tally, cls = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"))
-    naive, _ = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"), naive=True)
-    rows = result_rows(tally, config["class_names"])
-    assert rows == result_rows(naive, config["class_names"])
+    naive, _ = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"), steer_fn=steer_batch_naive)
+    rows = result_rows(tally, config.class_names)
+    assert rows == result_rows(naive, config.class_names)
     assert len(rows) == len(variants) * N_CLASSES and len(cls) == len(images)
     # recompute one row by hand
     x = normalised(model, config, images)
@@ -182,3 +182,98 @@ def test_tally_counts_per_class():
     assert tally.count[v].tolist() == [2, 0, 1]
     assert tally.correct[v].tolist() == [1, 0, 1]
     assert tally.kept[v].tolist() == [[2, 1], [0, 0], [0, 0]]
+
+
+# ------------------------------------------------------- the formula on hand-computed values
+class _LinearSAE(torch.nn.Module):
+    """A 2-d SAE with 3 latents whose codes and decoding are known by hand:
+    z = relu(W x) (no top-k), decode(z) = D^T z + b."""
+
+    dim, n_latents = 2, 3
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        self.D = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, -1.0]])  # rows: decoder directions
+        self.b = torch.tensor([0.5, -0.5])
+
+    def encode(self, x):
+        return (x @ self.W.T).relu()
+
+    def decode(self, z):
+        return z @ self.D + self.b
+
+
+def test_the_steering_formula_on_hand_computed_values():
+    """x = (1, 2): z = (1, 2, 3), decode(z) = (5.5, -1.5). Steering latents {0, 2}:
+    - scale, alpha 2: z' = (3, 2, 9); keep_error: x' = x + D^T (z' - z) = (1, 2) + (2*2 + 6*1, 6*-1) = (11, -4)
+    - scale, alpha -1 (ablation): z' = (0, 2, 0); x' = (1, 2) - (2 + 3, -3) = (-4, 5)
+    - add, alpha 0.5, m = (4, 0, 2): z' = (3, 2, 4); x' = (1, 2) + (2*2 + 1, -1) = (6, 1)
+    - without keep_error: x' = decode(z'); scale alpha 2: (3*2 + 9 + 0.5, 2 - 9 - 0.5) = (15.5, -7.5)
+    """
+    from pipeline.steering import steer_latents, steered_input
+
+    sae = _LinearSAE()
+    x = torch.tensor([[1.0, 2.0]])
+    z = sae.encode(x)
+    assert z.tolist() == [[1.0, 2.0, 3.0]]
+    mask = torch.tensor([[True, False, True]])
+    mean_active = torch.tensor([4.0, 0.0, 2.0])
+
+    def steer(alpha, mode, keep_error):
+        z_steered = steer_latents(z, mask, alpha, mode, mean_active)
+        return z_steered.tolist(), steered_input(x, z, z_steered, sae, keep_error).tolist()
+
+    assert steer(2.0, "scale", True) == ([[3.0, 2.0, 9.0]], [[11.0, -4.0]])
+    assert steer(-1.0, "scale", True) == ([[0.0, 2.0, 0.0]], [[-4.0, 5.0]])
+    assert steer(-0.5, "scale", True) == ([[0.5, 2.0, 1.5]], [[-1.5, 3.5]])
+    assert steer(0.5, "add", True) == ([[3.0, 2.0, 4.0]], [[6.0, 1.0]])
+    assert steer(-1.0, "add", True) == ([[-3.0, 2.0, 1.0]], [[-9.0, 4.0]])
+    assert steer(2.0, "scale", False) == ([[3.0, 2.0, 9.0]], [[15.5, -7.5]])
+    assert steer(0.0, "add", False) == ([[1.0, 2.0, 3.0]], [[5.5, -1.5]])  # the plain reconstruction
+
+
+def test_an_unknown_strategy_is_a_params_error_naming_it():
+    import pytest
+
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, global, random\)"):
+        variants_for(["global", "oracle"], [1.0], 1)
+
+
+def test_every_registered_strategy_runs_through_the_sweep_and_the_registry_decides_draws():
+    from pipeline.strategies import STRATEGIES
+
+    variants = variants_for(list(STRATEGIES), [1.0], random_draws=2)
+    for name, strategy in STRATEGIES.items():
+        draws = {v.draw for v in variants if v.strategy == name}
+        assert draws == ({0, 1} if strategy.uses_draws else {0}), name
+    model, sae, config, images, labels, sets = setup()
+    tally, _ = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"))
+    assert {v.strategy for v in tally.count} == set(STRATEGIES)
+
+
+# ----------------------------------------------------------------- the averages behind tables
+def test_overall_and_strategy_curves_average_images_then_draws():
+    """overall(): accuracy and usage over all images of a variant (not a mean of class means);
+    strategy_curves(): per alpha, the mean over a strategy's draws."""
+    from pipeline.steering import overall, strategy_curves
+
+    tally = Tally(n_classes=2, n_heads=2)
+    labels = torch.tensor([0, 0, 0, 1])  # class 0 has 3 images, class 1 one
+    base, r0, r1 = Variant("per_class", 0.0), Variant("random", 1.0, 0), Variant("random", 1.0, 1)
+    tally.add(base, labels, torch.tensor([0, 0, 1, 0]), torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    tally.add(r0, labels, torch.tensor([0, 0, 0, 1]), torch.ones(4, 2))
+    tally.add(r1, labels, torch.tensor([1, 1, 1, 0]), torch.zeros(4, 2))
+    tally.add(Variant("random", 0.0, 0), labels, torch.tensor([0, 0, 0, 1]), torch.ones(4, 2))
+    tally.add(Variant("random", 0.0, 1), labels, torch.tensor([0, 0, 0, 1]), torch.ones(4, 2))
+
+    accuracy, usage = overall(tally, base)
+    assert accuracy == 2 / 4  # images 0, 1 right; a mean of class means would give (2/3 + 0) / 2
+    assert usage == 5 / 8  # kept heads over images x heads
+    curves = strategy_curves(tally, ["per_class", "random"])
+    assert curves["per_class"] == {"alpha": [0.0], "accuracy": [0.5], "head_usage": [0.625]}
+    assert curves["random"]["alpha"] == [0.0, 1.0]
+    assert curves["random"]["accuracy"] == [1.0, 0.5]  # draws at alpha 1: 1.0 and 0.0
+    assert curves["random"]["head_usage"] == [1.0, 0.5]

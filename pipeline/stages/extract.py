@@ -23,23 +23,20 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from pipeline.data import ImageSet, load_images
+from pipeline.checks import same_classes
+from pipeline.dataset import SPLITS, ImageSet, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
-from pipeline.gated_vit import GatedViT, load_gated_vit
-from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, read_json, write_json
-from pipeline.params import ParamsError, Params
-from pipeline.training import DistInfo, device_and_distributed
+from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
+from pipeline.layout import download, finetune
+from pipeline.layout import extract as files
+from pipeline.params import Params, ParamsError
+from pipeline.runtime import DistInfo, device_and_distributed, finish_distributed
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-DATASET = Path("data/dataset")
-MODEL_DIR = Path("models/vit")
-FINETUNE_METRICS = Path("metrics/finetune.json")
-OUT_DIR = Path("data/embeddings")
-SHARD_DIR = OUT_DIR.with_name(f".{OUT_DIR.name}.shards")
-METRICS = Path("metrics/extract.json")
-SPLITS = ("train", "test")
+SHARD_DIR = files.EMBEDDINGS.with_name(f".{files.EMBEDDINGS.name}.shards")
 
 
 def shard_rows(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
@@ -54,19 +51,19 @@ def shard_rows(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
 def merge_shards(shards: list[Path], out_path: Path, schema: pa.Schema, n: int, batch_size: int) -> None:
     """Write the shards' row groups in global batch order (batch b is row group b // world of
     shard b % world): the same row groups a single process writes, one in memory at a time."""
-    files = [pq.ParquetFile(str(path)) for path in shards]
-    world = len(files)
+    shard_files = [pq.ParquetFile(str(path)) for path in shards]
+    world = len(shard_files)
     with parquet_writer(out_path, schema) as writer:
         for batch in range(-(-n // batch_size)):
-            table = files[batch % world].read_row_group(batch // world)
+            table = shard_files[batch % world].read_row_group(batch // world)
             writer.write_table(table, row_group_size=batch_size)
 
 
-def load_split(split: str, config: dict) -> ImageSet:
+def load_split(split: str, config: ModelConfig) -> ImageSet:
     """One split of the data set, checked against the class names the model was trained on."""
-    images = load_images(DATASET / f"{split}.parquet")
-    if images.class_names != config["class_names"]:
-        raise PipelineError(f"{DATASET / split}.parquet: class names differ from the model's ({MODEL_DIR}/config.json)")
+    path = download.dataset_split(split)
+    images = load_images(path)
+    same_classes(images.class_names, path, config.class_names, finetune.MODEL_CONFIG, rerun="finetune")
     return images
 
 
@@ -74,20 +71,20 @@ def run(params: Params) -> None:
     ep = params.extract
     device, dist_info = device_and_distributed(ep.device)
     if dist_info.is_main:
-        clean_outputs(OUT_DIR, METRICS)
-    model, config = load_gated_vit(MODEL_DIR)
+        clean_outputs(*files.WRITES)
+    model, config = load_gated_vit(finetune.MODEL)
     bad = [i for i in ep.layers if i >= model.depth]
     if bad:
         raise ParamsError(f"extract.layers = {ep.layers}: blocks {bad} do not exist (the model has {model.depth})")
     extra = tuple(sorted(set(ep.layers) - {model.depth - 1}))
-    model_hash = weights_hash(MODEL_DIR)
+    model_hash = weights_hash(finetune.MODEL)
     metas = {
         split: {
             "model_hash": model_hash,
             "layer": model.depth - 1,
             "dim": model.vit.embed_dim,
             "num_heads": model.num_heads,
-            "class_names": config["class_names"],
+            "class_names": config.class_names,
             "split": split,
             "extra_layers": list(extra),
         }
@@ -95,7 +92,7 @@ def run(params: Params) -> None:
     }
 
     if dist_info.world == 1:
-        with atomic_path(OUT_DIR, directory=True) as tmp:
+        with atomic_path(files.EMBEDDINGS, directory=True) as tmp:
             for split in SPLITS:
                 images = load_split(split, config)
                 extract_split(model, images.images, images.labels, images.index, config, tmp / f"{split}.parquet", metas[split], ep.batch_size, device, extra)
@@ -105,14 +102,12 @@ def run(params: Params) -> None:
 
     if dist_info.is_main:
         write_metrics(model_hash)
-    if dist_info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed(dist_info)
 
 
-def extract_sharded(model: GatedViT, config: dict, metas: dict, batch_size: int, device: torch.device, extra: tuple[int, ...], dist_info: DistInfo) -> None:
+def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_size: int, device: torch.device, extra: tuple[int, ...], dist_info: DistInfo) -> None:
     """Each rank writes its batches of every split to SHARD_DIR; rank 0 then merges them into
-    OUT_DIR (atomically) and removes the shards."""
+    data/embeddings (atomically) and removes the shards."""
     if dist_info.is_main:
         shutil.rmtree(SHARD_DIR, ignore_errors=True)  # leftovers of a killed run
         SHARD_DIR.mkdir(parents=True)
@@ -128,28 +123,28 @@ def extract_sharded(model: GatedViT, config: dict, metas: dict, batch_size: int,
     dist.barrier()  # every shard is complete
     if not dist_info.is_main:
         return
-    with atomic_path(OUT_DIR, directory=True) as tmp:
+    with atomic_path(files.EMBEDDINGS, directory=True) as tmp:
         for split in SPLITS:
             schema = embedding_schema(model.vit.embed_dim, model.num_heads, list(extra), metas[split])
             shards = [SHARD_DIR / f"{split}.rank{r}.parquet" for r in range(dist_info.world)]
             merge_shards(shards, tmp / f"{split}.parquet", schema, sizes[split], batch_size)
     shutil.rmtree(SHARD_DIR, ignore_errors=True)
-    log.info("merged %d shards per split into %s", dist_info.world, OUT_DIR)
+    log.info("merged %d shards per split into %s", dist_info.world, files.EMBEDDINGS)
 
 
 def write_metrics(model_hash: str) -> None:
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
-    tables = {split: read_embeddings(OUT_DIR / f"{split}.parquet") for split in SPLITS}
+    tables = {split: read_embeddings(files.embeddings_split(split)) for split in SPLITS}
     test = tables["test"]
-    finetune = read_json(FINETUNE_METRICS)
-    consistent = abs(test.accuracy - finetune["test_accuracy"]) < 1e-9 and abs(test.head_usage - finetune["head_usage"]) < 1e-9
+    finetune_metrics = read_json(finetune.METRICS)
+    consistent = abs(test.accuracy - finetune_metrics["test_accuracy"]) < 1e-9 and abs(test.head_usage - finetune_metrics["head_usage"]) < 1e-9
     if not consistent:
         log.warning(
             "stored rows give accuracy %.6f / usage %.6f, finetune reported %.6f / %.6f",
-            test.accuracy, test.head_usage, finetune["test_accuracy"], finetune["head_usage"],
+            test.accuracy, test.head_usage, finetune_metrics["test_accuracy"], finetune_metrics["head_usage"],
         )
     write_json(
-        METRICS,
+        files.METRICS,
         {
             "rows": {split: int(t.x.shape[0]) for split, t in tables.items()},
             "dim": test.dim,

@@ -11,21 +11,16 @@ import logging
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from pipeline.data import load_images
+from pipeline.dataset import load_images
 from pipeline.gated_vit import build_gated_vit, model_config, save_gated_vit
-from pipeline.io import atomic_path, clean_outputs, seed_everything, write_json
+from pipeline.layout import download
+from pipeline.layout import finetune as files
 from pipeline.params import Params
-from pipeline.training import device_and_distributed, evaluate, train
+from pipeline.runtime import device_and_distributed, finish_distributed, seed_everything
+from pipeline.storage import atomic_path, clean_outputs, write_json
+from pipeline.training import evaluate, train
 
 log = logging.getLogger(__name__)
-
-DATASET = Path("data/dataset")
-MODEL_DIR = Path("models/vit")
-CHECKPOINT = Path("models/vit_ckpt/last.pt")
-METRICS = Path("metrics/finetune.json")
-LIVE_DIR = Path("metrics/finetune")
 
 
 def write_curves(history: list[dict[str, float]], directory: Path) -> None:
@@ -45,10 +40,10 @@ def write_curves(history: list[dict[str, float]], directory: Path) -> None:
 def run(params: Params) -> None:
     fp = params.finetune
     device, dist_info = device_and_distributed(fp.device)
-    clean_outputs(MODEL_DIR, METRICS, LIVE_DIR, CHECKPOINT)  # CHECKPOINT: a killed run's temporary
+    clean_outputs(*files.WRITES, files.CHECKPOINT)  # the checkpoint: a killed run's temporary
 
-    train_set = load_images(DATASET / "train.parquet", num_workers=fp.num_workers)
-    test_set = load_images(DATASET / "test.parquet", num_workers=fp.num_workers)
+    train_set = load_images(download.dataset_split("train"), num_workers=fp.num_workers)
+    test_set = load_images(download.dataset_split("test"), num_workers=fp.num_workers)
     class_names = train_set.class_names
 
     seed_everything(fp.seed)  # identical initialisation on every rank
@@ -56,23 +51,21 @@ def run(params: Params) -> None:
     config = model_config(params.model, model.vit, len(class_names), class_names, fp.tau)
     log.info(
         "training %s %s on %d images (%d classes), %d process(es), device %s",
-        params.model.name, config["shape"], len(train_set.labels), len(class_names), dist_info.world, device,
+        params.model.name, config.shape, len(train_set.labels), len(class_names), dist_info.world, device,
     )
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    files.CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     history = train(
         model, train_set.images, train_set.labels, test_set.images, test_set.labels,
-        config, fp, device, dist_info, checkpoint=CHECKPOINT,
+        config, fp, device, dist_info, checkpoint=files.CHECKPOINT,
     )
     elapsed = time.perf_counter() - start
     if dist_info.is_main:
         seen = len(train_set.labels) * fp.epochs
         log.info("trained in %.1f s (%.0f images/s)", elapsed, seen / elapsed)
         final = evaluate(model, test_set.images, test_set.labels, config, device, batch_size=256)
-        save_gated_vit(MODEL_DIR, model.cpu(), config)
-        write_curves(history, LIVE_DIR)
-        write_json(METRICS, {**final.summary(), "epochs": fp.epochs, "num_classes": len(class_names)})
+        save_gated_vit(files.MODEL, model.cpu(), config)
+        write_curves(history, files.CURVES)
+        write_json(files.METRICS, {**final.summary(), "epochs": fp.epochs, "num_classes": len(class_names)})
         log.info("test accuracy %.4f, final-block head usage %.3f", final.accuracy, final.head_usage)
-    if dist_info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed(dist_info)

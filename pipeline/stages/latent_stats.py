@@ -21,24 +21,19 @@ import torch
 
 from pipeline import plots
 from pipeline import stats as st
+from pipeline.checks import labels_in_range, same_classes, same_width
 from pipeline.embeddings import EmbeddingTable, read_embeddings
-from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, with_metadata, write_json
+from pipeline.layout import extract, train_sae
+from pipeline.layout import latent_stats as files
 from pipeline.params import Params, ParamsError
-from pipeline.sae import load_sae
+from pipeline.sae import SparseAutoencoder, load_sae
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, rounded, with_metadata, write_json
 
 log = logging.getLogger(__name__)
 
-SAE_DIR = Path("models/sae")
-TRAIN = Path("data/embeddings/train.parquet")
-TEST = Path("data/embeddings/test.parquet")
-LATENTS = Path("data/stats/latents.parquet")
-TOP_SETS = Path("data/stats/top_sets.json")
-METRICS = Path("metrics/latent_stats.json")
-HEATMAP = Path("metrics/plots/overlap_heatmap.png")
-HISTOGRAM = Path("metrics/plots/firing_frequency.png")
-CLASS_OVERLAP = Path("metrics/plots/class_overlap.json")
+TRAIN = extract.embeddings_split("train")
+TEST = extract.embeddings_split("test")
 ALL = "__all__"
-DIGITS = 6  # metrics are rounded so the JSON stays readable
 
 LATENTS_SCHEMA = pa.schema(
     [
@@ -56,14 +51,13 @@ LATENTS_SCHEMA = pa.schema(
 
 def run(params: Params) -> None:
     cfg = params.stats
-    clean_outputs(LATENTS, TOP_SETS, METRICS, HEATMAP, HISTOGRAM, CLASS_OVERLAP)
-    sae = load_sae(SAE_DIR).to("cpu").eval()
+    clean_outputs(*files.WRITES)
+    sae = load_sae(train_sae.SAE).to("cpu").eval()
     train, test = read_embeddings(TRAIN), read_embeddings(TEST)
     class_names = train.class_names
-    if test.class_names != class_names:
-        raise PipelineError(f"{TEST}: class names differ from {TRAIN}; rerun `extract`")
+    same_classes(test.class_names, TEST, class_names, TRAIN, rerun="extract")
     if cfg.top_k > sae.n_latents:  # a set larger than the dictionary makes |A ∩ B| / K meaningless
-        raise ParamsError(f"stats.top_k = {cfg.top_k}: must be <= the SAE's number of latents ({sae.n_latents}, {SAE_DIR})")
+        raise ParamsError(f"stats.top_k = {cfg.top_k}: must be <= the SAE's number of latents ({sae.n_latents}, {train_sae.SAE})")
     split_stats = {name: _encode(sae, table, path, len(class_names), cfg.batch_size)
                    for name, table, path in (("train", train, TRAIN), ("test", test, TEST))}
 
@@ -75,7 +69,7 @@ def run(params: Params) -> None:
     g_overlap, g_jaccard = st.global_vs_class(global_set, class_sets, n_latents, top_k)
 
     _write_latents(split_stats, class_names, top_k)
-    write_json(TOP_SETS, {
+    write_json(files.TOP_SETS, {
         "top_k": top_k,
         "n_latents": n_latents,
         "class_names": class_names,
@@ -90,29 +84,27 @@ def run(params: Params) -> None:
     metrics["class_overlap_offdiag_mean"] = _r(_offdiag_mean(overlap))
     metrics["related"] = _related(overlap, jaccard, class_names, params.stats.related)
     metrics.update(top_k=top_k, n_latents=n_latents, n_classes=len(class_names))
-    write_json(METRICS, metrics)
+    write_json(files.METRICS, metrics)
 
-    write_json(CLASS_OVERLAP, [
+    write_json(files.CLASS_OVERLAP, [
         {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}
         for name, o, j in zip(class_names, g_overlap.tolist(), g_jaccard.tolist())
     ])
-    plots.overlap_heatmap(overlap.numpy(), class_names, HEATMAP, title=f"Top-{top_k} latent overlap |A ∩ B| / K (train)")
-    plots.frequency_histogram(train_stats.freq_all.numpy(), HISTOGRAM)
+    plots.overlap_heatmap(overlap.numpy(), class_names, files.OVERLAP_HEATMAP, title=f"Top-{top_k} latent overlap |A ∩ B| / K (train)")
+    plots.frequency_histogram(train_stats.freq_all.numpy(), files.FIRING_HISTOGRAM)
     log.info("global vs class overlap %.4f (Jaccard %.4f); %d of %d latents alive; mean L0 %.2f",
              metrics["overlap_global_vs_class"], metrics["jaccard_global_vs_class"],
              metrics["alive_latents"], n_latents, metrics["mean_l0"])
 
 
-def _encode(sae: Any, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int) -> st.LatentStats:
-    if table.dim != sae.dim:
-        raise PipelineError(f"{path}: embeddings have dim {table.dim} but the SAE in {SAE_DIR} expects {sae.dim}; rerun `train_sae`")
-    if int(table.labels.min()) < 0 or int(table.labels.max()) >= n_classes:
-        raise PipelineError(f"{path}: labels outside [0, {n_classes}) (class_names has {n_classes})")
-    return st.encode_stats(sae.encode_topk, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {path.stem}")
+def _encode(sae: SparseAutoencoder, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int) -> st.LatentStats:
+    same_width(table.dim, path, sae.dim, train_sae.SAE_CONFIG, rerun="train_sae")
+    labels_in_range(table.labels, path, n_classes)
+    return st.encode_stats(sae.encode_sparse, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {path.stem}")
 
 
 def _r(x: float) -> float:
-    return round(float(x), DIGITS)
+    return rounded(float(x))
 
 
 def _summary(stats: st.LatentStats, global_set: torch.Tensor, class_sets: list[torch.Tensor], top_k: int) -> dict[str, Any]:
@@ -187,6 +179,6 @@ def _write_latents(split_stats: dict[str, st.LatentStats], class_names: list[str
     }
     schema = with_metadata(LATENTS_SCHEMA, meta)
     table = pa.Table.from_pydict({k: pa.array(v, type=schema.field(k).type) for k, v in columns.items()}, schema=schema)
-    with atomic_path(LATENTS) as tmp:
+    with atomic_path(files.LATENTS) as tmp:
         with parquet_writer(tmp, schema) as writer:
             writer.write_table(table, row_group_size=1 << 20)

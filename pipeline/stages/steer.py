@@ -9,17 +9,20 @@ import pyarrow as pa
 import torch
 
 from pipeline import plots
-from pipeline.data import load_images
+from pipeline.checks import same_classes, same_rows, same_width
+from pipeline.dataset import load_images
 from pipeline.embeddings import read_embeddings
+from pipeline.errors import PipelineError
 from pipeline.gated_vit import load_gated_vit
-from pipeline.io import PipelineError, atomic_path, clean_outputs, parquet_writer, pick_device, read_json, write_json, write_text
+from pipeline.layout import download, extract, finetune, latent_stats, train_sae
+from pipeline.layout import steer as files
 from pipeline.params import Params
 from pipeline.report import render_report
+from pipeline.runtime import pick_device
 from pipeline.sae import load_sae
 from pipeline.steering import (
-    LatentSets,
-    overall,
     Variant,
+    overall,
     random_sets,
     result_rows,
     run_sweep,
@@ -28,26 +31,18 @@ from pipeline.steering import (
     strategy_curves,
     variants_for,
 )
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, write_json, write_text
+from pipeline.strategies import STRATEGIES, LatentSets
 
 log = logging.getLogger(__name__)
 
-DATASET = Path("data/dataset")
-EMBEDDINGS = Path("data/embeddings")
-STATS = Path("data/stats")
-MODEL_DIR = Path("models/vit")
-SAE_DIR = Path("models/sae")
-STATS_METRICS = Path("metrics/latent_stats.json")
-OUT_DIR = Path("data/steer")
-METRICS = Path("metrics/steer.json")
-PLOTS = Path("metrics/plots")
-REPORT = Path("metrics/report.md")
+DATASET_TEST = download.dataset_split("test")
+EMBEDDINGS_TEST = extract.embeddings_split("test")
 
 
 def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int, seed: int) -> LatentSets:
-    if top_sets.get("class_names") != class_names:
-        raise PipelineError(f"{STATS}/top_sets.json: class names differ from the model's; rerun latent_stats")
-    if top_sets.get("n_latents") != n_latents:
-        raise PipelineError(f"{STATS}/top_sets.json: made for {top_sets.get('n_latents')} latents, the SAE has {n_latents}")
+    same_classes(top_sets.get("class_names") or [], latent_stats.TOP_SETS, class_names, finetune.MODEL_CONFIG, rerun="latent_stats")
+    same_width(top_sets.get("n_latents"), latent_stats.TOP_SETS, n_latents, train_sae.SAE_CONFIG, rerun="latent_stats", what="number of latents")
     mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float32)
     global_set = sets_to_mask([top_sets["global"]], n_latents)[0]
     return LatentSets(
@@ -79,33 +74,30 @@ def write_results(rows: list[dict], n_heads: int, path: Path) -> None:
 
 def run(params: Params) -> None:
     sp = params.steer
-    clean_outputs(OUT_DIR, METRICS, REPORT)
-    model, config = load_gated_vit(MODEL_DIR)
-    sae = load_sae(SAE_DIR)
-    if sae.dim != model.vit.embed_dim:
-        raise PipelineError(f"{SAE_DIR}: SAE width {sae.dim} differs from the model's embedding width {model.vit.embed_dim}")
-    class_names = config["class_names"]
+    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)  # unknown strategies: exit 2
+    clean_outputs(*files.WRITES)
+    model, config = load_gated_vit(finetune.MODEL)
+    sae = load_sae(train_sae.SAE)
+    same_width(sae.dim, train_sae.SAE_CONFIG, model.vit.embed_dim, finetune.MODEL_CONFIG, rerun="train_sae")
+    class_names = config.class_names
     try:
-        sets = load_sets(read_json(STATS / "top_sets.json"), sae.n_latents, class_names, sp.random_draws, sp.seed)
+        sets = load_sets(read_json(latent_stats.TOP_SETS), sae.n_latents, class_names, sp.random_draws, sp.seed)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited or foreign file
-        raise PipelineError(f"{STATS}/top_sets.json: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
-    test = load_images(DATASET / "test.parquet")
-    stored = read_embeddings(EMBEDDINGS / "test.parquet")
-    if stored.dim != sae.dim:
-        raise PipelineError(f"{EMBEDDINGS}/test.parquet: embeddings have dim {stored.dim}, the SAE in {SAE_DIR} expects {sae.dim}; rerun extract")
-    if len(stored.x) != len(test.labels) or not torch.equal(stored.labels, test.labels):
-        raise PipelineError(f"{EMBEDDINGS}/test.parquet does not match {DATASET}/test.parquet; rerun extract")
+        raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
+    test = load_images(DATASET_TEST)
+    stored = read_embeddings(EMBEDDINGS_TEST)
+    same_width(stored.dim, EMBEDDINGS_TEST, sae.dim, train_sae.SAE_CONFIG, rerun="extract")
+    same_rows(stored.labels, EMBEDDINGS_TEST, test.labels, DATASET_TEST, rerun="extract")
 
     device = pick_device(sp.device)
-    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)
     log.info("steering: %d variants x %d test images", len(variants), len(test.labels))
     tally, cls_inputs = run_sweep(model, sae, sets, test.images, test.labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, device)
     # The recomputed final-block inputs must be the stored ones (same model, same images).
     if not torch.allclose(cls_inputs, stored.x, atol=1e-4, rtol=1e-4):
-        raise PipelineError(f"{EMBEDDINGS}/test.parquet: stored x differs from the model's; rerun extract")
+        raise PipelineError(f"{EMBEDDINGS_TEST}: stored x differs from the model's; rerun extract")
 
     rows = result_rows(tally, class_names)
-    with atomic_path(OUT_DIR, directory=True) as tmp:
+    with atomic_path(files.RESULTS_DIR, directory=True) as tmp:
         write_results(rows, model.num_heads, tmp / "results.parquet")
 
     base_acc, base_usage = overall(tally, Variant(sp.strategies[0], 0.0, 0))
@@ -134,20 +126,23 @@ def run(params: Params) -> None:
                 for c in top
             ],
         }
-    write_json(METRICS, metrics)
+    write_json(files.METRICS, metrics)
 
     # dvc plots data: one row per alpha, one column per strategy (the paper's Figures 2 and 3)
     alphas = sorted({a for c in curves.values() for a in c["alpha"]})
-    for key, name in (("accuracy", "steer_accuracy.json"), ("head_usage", "steer_usage.json")):
+    for key, path in (("accuracy", files.ACCURACY), ("head_usage", files.USAGE)):
         table = [{"alpha": a, **{s: c[key][c["alpha"].index(a)] for s, c in curves.items() if a in c["alpha"]}} for a in alphas]
-        write_json(PLOTS / name, table)
-    write_json(PLOTS / "steer_class_usage.json",
+        write_json(path, table)
+    write_json(files.CLASS_USAGE,
                [{"class": c.name, "baseline_usage": c.baseline_usage, "steered_usage": c.usage, "alpha": c.alpha} for c in headline])
-    plots.steering_curves(curves, PLOTS / "steer_curves.png")
+    styles = {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}
+    plots.steering_curves(curves, styles, files.CURVES_PNG)
     heads = [head_name(h) for h in range(model.num_heads)]
     if headline:
         baseline_keep = [[r[f"keep_h{h}"] for h in range(model.num_heads)] for r in rows if r["strategy"] == "per_class" and r["alpha"] == 0.0]
-        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, PLOTS / "head_keep_heatmap.png")
-        plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, PLOTS / "steer_class_usage.png")
-    write_text(REPORT, render_report(params, config, read_json(STATS_METRICS), metrics, headline, heads, read_json(Path("metrics/finetune.json")), read_json(Path("metrics/sae.json"))))
-    log.info("baseline accuracy %.4f usage %.3f; report in %s", base_acc, base_usage, REPORT)
+        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, files.HEAD_KEEP_HEATMAP)
+        plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, files.CLASS_USAGE_PNG)
+    report = render_report(params, config, read_json(latent_stats.METRICS), metrics, headline, heads,
+                           read_json(finetune.METRICS), read_json(train_sae.METRICS))
+    write_text(files.REPORT, report)
+    log.info("baseline accuracy %.4f usage %.3f; report in %s", base_acc, base_usage, files.REPORT)

@@ -1,4 +1,4 @@
-"""Artifact I/O shared by every stage: atomic outputs, JSON, Parquet, safetensors weights.
+"""How artifacts are stored: atomic outputs, JSON, Parquet, safetensors weights.
 
 Rules kept here so no stage has to remember them:
 - an output appears only when complete (written to a temporary sibling, then renamed);
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -22,9 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class PipelineError(RuntimeError):
-    """A user-facing failure (bad input file, missing download, ...): message shown verbatim."""
+from pipeline.errors import PipelineError
 
 
 # ------------------------------------------------------------------------------ atomic writes
@@ -210,17 +209,19 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
-# -------------------------------------------------------------------------------------- misc
-def pick_device(device: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; `cuda` without a GPU is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device 'cuda' requested but no CUDA GPU is available; use 'auto' or 'cpu'")
-    return torch.device(device)
+# ------------------------------------------------------------------------------------ metrics
+METRIC_DIGITS = 6
+"""Significant digits of every float in a metrics file: readable JSON, and far below the
+float noise that differs between CPU types anyway."""
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch (and CUDA) globally; return a CPU generator for explicit sampling."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+def rounded(value: Any, digits: int = METRIC_DIGITS) -> Any:
+    """Floats (also inside dicts and lists) to `digits` significant digits; a non-finite float
+    becomes None, since JSON has no NaN (e.g. the FVU of a constant split is undefined)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value

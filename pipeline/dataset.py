@@ -1,0 +1,261 @@
+"""The canonical image data set every stage after `download` reads: its format, writer and reader.
+
+Layout of data/dataset/{train,test}.parquet (written by the `download` stage from a source in
+`pipeline/sources/`):
+
+| column | type   | meaning                                                        |
+|--------|--------|----------------------------------------------------------------|
+| image  | binary | the image as PNG bytes (RGB, every image of the set one size)  |
+| label  | int32  | class, an index into `class_names`                             |
+| index  | int64  | position of the image within its source split (before          |
+|        |        | `data.max_per_class` subsampling)                              |
+
+Schema metadata (JSON values): `class_names` (list), `source` (what the images came from:
+`kind` plus the path/URL or the synthetic generator's parameters), `split`, `image_size`
+([H, W]), `max_per_class`.
+
+Row groups hold `ROW_GROUP_SIZE` rows, and the files are written a row group at a time, so a
+large source never needs all its PNG bytes in memory. Same parameters, same bytes.
+
+A source hands the writer a `SplitSource`: its class names, a description, and its `Record`s
+in source order. Nothing here knows where images come from, so the stages that only read the
+data set (`finetune`, `extract`, `steer`) do not depend on any source's code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.progress import progress
+from pipeline.storage import parquet_writer, read_table, with_metadata
+
+SPLITS = ("train", "test")
+ROW_GROUP_SIZE = 1024
+PNG_COMPRESS_LEVEL = 6
+
+COLUMNS: dict[str, pa.DataType] = {"image": pa.binary(), "label": pa.int32(), "index": pa.int64()}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def split_path(directory: Path | str, split: str) -> Path:
+    """`directory/<split>.parquet`: where a split of the canonical data set lives."""
+    return Path(directory) / f"{split}.parquet"
+
+
+class Record(NamedTuple):
+    """One image on its way into the data set."""
+
+    index: int
+    label: int
+    png: bytes
+    size: tuple[int, int]
+    """(H, W) of the decoded image."""
+    name: str
+    """Where it came from, for error messages (a file path, or `synthetic[i]`)."""
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split of a source: its classes, a description, and its records in source order."""
+
+    class_names: list[str]
+    description: dict[str, Any]
+    records: Iterator[Record]
+    count: int
+    """Number of records `records` yields (after max_per_class), for the progress bar."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def encode_png(array: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes; deterministic (fixed compression level, no metadata)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array), "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Image bytes -> (H, W, 3) uint8 RGB array."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def first_per_class(labels: Sequence[int], max_per_class: int | None) -> list[int]:
+    """Positions of the first `max_per_class` items of each label, in their original order."""
+    if max_per_class is None:
+        return list(range(len(labels)))
+    seen: dict[int, int] = {}
+    keep = []
+    for position, label in enumerate(labels):
+        if seen.get(label, 0) < max_per_class:
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(position)
+    return keep
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def map_ordered(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`map(fn, items)` on a thread pool, in order, one chunk at a time (bounded memory).
+
+    Threads pay off because PIL's decoders and zlib release the GIL.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for chunk in chunks(items, ROW_GROUP_SIZE):
+            yield from pool.map(fn, chunk)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------- writing
+def dataset_schema(
+    class_names: Sequence[str],
+    source: dict[str, Any],
+    split: str,
+    image_size: tuple[int, int],
+    max_per_class: int | None,
+) -> pa.Schema:
+    """The data set's Arrow schema with its JSON metadata."""
+    meta = {
+        "class_names": list(class_names),
+        "source": source,
+        "split": split,
+        "image_size": list(image_size),
+        "max_per_class": max_per_class,
+    }
+    return with_metadata(pa.schema([pa.field(name, dtype) for name, dtype in COLUMNS.items()]), meta)
+
+
+def write_split(path: Path, source: SplitSource, split: str, max_per_class: int | None = None) -> dict[str, Any]:
+    """Stream `source`'s records into `path`, a row group at a time; return the split's counts."""
+    records = iter(progress(source.records, desc=f"{split} images", total=source.count, unit="img"))
+    first = next(records, None)
+    if first is None:
+        raise PipelineError(f"{split}: the source holds no images")
+    size = first.size
+    schema = dataset_schema(source.class_names, source.description, split, size, max_per_class)
+    counts = [0] * len(source.class_names)
+    with parquet_writer(path, schema) as writer:
+        batch: list[Record] = []
+        for record in chain([first], records):
+            if record.size != size:
+                raise PipelineError(
+                    f"{record.name} is {record.size[0]}x{record.size[1]} (HxW) but earlier images are "
+                    f"{size[0]}x{size[1]}: all images of a data set must share one size (resize them first)"
+                )
+            counts[record.label] += 1
+            batch.append(record)
+            if len(batch) == ROW_GROUP_SIZE:
+                _write_batch(writer, schema, batch)
+                batch = []
+        if batch:
+            _write_batch(writer, schema, batch)
+    return {
+        "total": sum(counts),
+        "image_size": list(size),
+        "per_class": dict(zip(source.class_names, counts)),
+    }
+
+
+def _write_batch(writer: Any, schema: pa.Schema, batch: list[Record]) -> None:
+    table = pa.table(
+        {
+            "image": pa.array([r.png for r in batch], pa.binary()),
+            "label": pa.array([r.label for r in batch], pa.int32()),
+            "index": pa.array([r.index for r in batch], pa.int64()),
+        },
+        schema=schema,
+    )
+    writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
+
+
+# ----------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class ImageSet:
+    """A split of the canonical data set in memory."""
+
+    images: torch.Tensor
+    """(N, 3, H, W) uint8."""
+    labels: torch.Tensor
+    """(N,) int64."""
+    index: torch.Tensor
+    """(N,) int64 position of each image within its source split."""
+    class_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Schema metadata: class_names, source, split, image_size, max_per_class."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+
+def load_images(path: Path | str, num_workers: int = 0) -> ImageSet:
+    """Read a split written by `download`, decoding every PNG (on `num_workers` threads)."""
+    path = Path(path)
+    table, meta = read_table(path, COLUMNS)
+    for key in ("class_names", "image_size"):
+        if key not in meta:
+            raise PipelineError(f"{path}: schema metadata lacks '{key}'; not written by `download`")
+    class_names = list(meta["class_names"])
+    height, width = meta["image_size"]
+    n = table.num_rows
+    if n == 0:
+        raise PipelineError(f"{path}: holds no images")
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise PipelineError(f"{path}: labels outside 0..{len(class_names) - 1}; the file is corrupt")
+    blobs = table.column("image").to_pylist()
+    images = np.empty((n, height, width, 3), dtype=np.uint8)
+
+    def decode(row: int) -> None:
+        try:
+            pixels = decode_png(blobs[row])
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise PipelineError(
+                f"{path}: image in row {row} cannot be decoded ({exc}); rerun `pipeline download`"
+            ) from None
+        if pixels.shape != (height, width, 3):
+            raise PipelineError(
+                f"{path}: image in row {row} is {pixels.shape[0]}x{pixels.shape[1]}, metadata says "
+                f"{height}x{width}; rerun `pipeline download`"
+            )
+        images[row] = pixels
+
+    for _ in map_ordered(decode, range(n), num_workers):
+        pass
+    return ImageSet(
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        labels=torch.from_numpy(labels),
+        index=torch.from_numpy(table.column("index").to_numpy().astype(np.int64)),
+        class_names=class_names,
+        meta=meta,
+    )

@@ -1,0 +1,16 @@
+"""`latent_stats` writes which latents fire for which class, and the top sets steering uses."""
+
+from pathlib import Path
+
+from pipeline.layout import extract, train_sae
+
+STATS = Path("data/stats")
+LATENTS = STATS / "latents.parquet"
+TOP_SETS = STATS / "top_sets.json"
+METRICS = Path("metrics/latent_stats.json")
+CLASS_OVERLAP = Path("metrics/plots/class_overlap.json")
+OVERLAP_HEATMAP = Path("metrics/plots/overlap_heatmap.png")
+FIRING_HISTOGRAM = Path("metrics/plots/firing_frequency.png")
+
+READS = (extract.EMBEDDINGS, train_sae.SAE)
+WRITES = (STATS, METRICS, CLASS_OVERLAP, OVERLAP_HEATMAP, FIRING_HISTOGRAM)

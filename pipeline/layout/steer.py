@@ -1,0 +1,22 @@
+"""`steer` writes the steering results, their figures and the run's report."""
+
+from pathlib import Path
+
+from pipeline.layout import download, extract, finetune, latent_stats, train_sae
+
+RESULTS_DIR = Path("data/steer")
+RESULTS = RESULTS_DIR / "results.parquet"
+METRICS = Path("metrics/steer.json")
+REPORT = Path("metrics/report.md")
+ACCURACY = Path("metrics/plots/steer_accuracy.json")
+USAGE = Path("metrics/plots/steer_usage.json")
+CLASS_USAGE = Path("metrics/plots/steer_class_usage.json")
+CURVES_PNG = Path("metrics/plots/steer_curves.png")
+HEAD_KEEP_HEATMAP = Path("metrics/plots/head_keep_heatmap.png")
+CLASS_USAGE_PNG = Path("metrics/plots/steer_class_usage.png")
+
+READS = (
+    download.DATASET, extract.EMBEDDINGS, latent_stats.STATS, finetune.MODEL, train_sae.SAE,
+    latent_stats.METRICS, finetune.METRICS, train_sae.METRICS,
+)
+WRITES = (RESULTS_DIR, REPORT, METRICS, ACCURACY, USAGE, CLASS_USAGE, HEAD_KEEP_HEATMAP, CURVES_PNG, CLASS_USAGE_PNG)

@@ -1,0 +1,34 @@
+"""The naive steering reference: the whole model once per variant, and the steering formula
+written out again here, independently of `pipeline.steering` (so a wrong formula there cannot
+pass by being shared). Used by tests/test_steering.py and bench/bench_steer.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.steering import steering_mask
+
+
+def steer_codes(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: Tensor) -> Tensor:
+    """METHOD.md 5: z'_j = (1 + alpha) z_j (scale) or z_j + alpha m_j (add) for the masked j;
+    the other latents unchanged. (Same float arithmetic as the library, so the two paths'
+    gates agree exactly; the formula itself is checked on hand-computed values.)"""
+    steered = (1 + alpha) * z if mode == "scale" else z + alpha * mean_active
+    return torch.where(mask, steered, z)
+
+
+@torch.no_grad()
+def steer_batch_naive(model, sae, sets, images: Tensor, labels: Tensor, variants, mode: str, keep_error: bool) -> tuple[Tensor, Tensor]:
+    """Gates (V, B, H) and predictions (V, B): per variant, the full model from the images."""
+    gates, preds = [], []
+    for variant in variants:
+        tokens = model.forward_to_final(images)
+        x = tokens[:, 0]
+        z = sae.encode(x)
+        z_steered = steer_codes(z, steering_mask(sets, variant, labels), variant.alpha, mode, sets.mean_active)
+        x_steered = x + (sae.decode(z_steered) - sae.decode(z)) if keep_error else sae.decode(z_steered)
+        g = (model.final_gate_logits(x_steered) > 0).to(tokens.dtype)
+        gates.append(g)
+        preds.append(model.forward_final(tokens, g).argmax(-1))
+    return torch.stack(gates), torch.stack(preds)

@@ -1,0 +1,71 @@
+"""metrics/report.md: what the page says, from hand-made inputs (no pipeline run)."""
+
+from __future__ import annotations
+
+from pipeline.gated_vit import ModelConfig, ModelShape
+from pipeline.report import render_report
+from pipeline.steering import ClassHeadline
+
+HEADS = ["h0", "h1", "h2", "h3", "h4", "h5"]
+FINETUNE = {"test_accuracy": 0.372, "head_usage": 0.561, "head_usage_per_block": [1.0, 0.75, 0.561]}
+SAE = {"n_latents": 768, "k": 32, "test": {"fvu": 0.043, "mse": 0.0123, "l0": 32.0, "dead_fraction": 0.004}}
+STATS = {"overlap_global_vs_class": 0.41, "jaccard_global_vs_class": 0.26, "alive_latents": 765}
+
+
+def config(embed_dim: int = 96, depth: int = 6) -> ModelConfig:
+    return ModelConfig(
+        timm_name="vit_small_patch16_224", shape=ModelShape(32, 4, embed_dim, depth, 6), num_classes=3,
+        class_names=["apple", "bowl", "plate"], keep_layers=1, gate_bias_init=2.0, tau=5.0,
+        mean=[0.5] * 3, std=[0.5] * 3,
+    )
+
+
+def headline(class_id: int, name: str, base: tuple[float, float], steered: tuple[float, float], heads: list[int], alpha: float) -> ClassHeadline:
+    return ClassHeadline(class_id, name, alpha, base[0], base[1], [0, 1, 2, 3], steered[0], steered[1], heads, [0.0] * 6)
+
+
+def steer_metrics(strategies: list[str], with_headline: bool) -> dict:
+    metrics = {
+        "baseline": {"accuracy": 0.372, "head_usage": 0.561},
+        "strategies": {s: {"alpha": [-1.0, 0.0, 4.0], "accuracy": [0.36, 0.372, 0.37], "head_usage": [0.6, 0.561, 0.5]} for s in strategies},
+    }
+    if with_headline:
+        metrics["per_class_headline"] = {"mean_usage_reduction": 0.054, "mean_accuracy_change": 0.005, "classes_with_reduction": 2}
+    return metrics
+
+
+def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_missing(tiny_params):
+    params = tiny_params(steer={"top_classes": 1, "strategies": ["per_class", "global", "random"], "random_draws": 3})
+    rows = [
+        headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0),
+        headline(1, "bowl", (0.11, 0.67), (0.12, 0.60), [2, 5], 4.0),
+        headline(2, "plate", (0.3, 0.5), (0.3, 0.5), [0, 1, 2], 0.0),
+    ]
+    report = render_report(params, config(), STATS, steer_metrics(params.steer.strategies, True), rows, HEADS, FINETUNE, SAE)
+    assert "| bowl | 76% -> 82%, usage 0.72 -> 0.33 (h2, h5) | 11% -> 12%, usage 0.67 -> 0.60 (h2, h5) |" in report
+    assert "| pine_tree | 79% -> 84%, usage 0.93 -> 0.35 (h2, h3) | class not in this data set |" in report
+    assert "| overlap global vs class | 0.1641 | 0.4100 (\\|A ∩ B\\| / K), 0.2600 (Jaccard) |" in report
+    # the headline table: the top class by usage reduction, then the paper's classes
+    table = report.split("## Per-class steering (headline)")[1].split("## Strategies")[0]
+    assert table.index("| apple | 50% / 0.90 (h0, h1, h2, h3) | 50% / 0.20 (h1) | +4 |") < table.index("| bowl |")
+    assert "| plate |" not in table
+    assert "Mean over 3 classes: usage reduction 0.054, accuracy change +0.5 points; 2 classes use fewer heads" in table
+    assert "strategies per_class, global, random (3 random draws)" in report
+    assert "| random | +4 | 37% | 0.500 |" in report
+    assert "smaller than the paper's" in report and "plots/head_keep_heatmap.png" in report
+
+
+def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_figures(tiny_params):
+    params = tiny_params(steer={"strategies": ["global"]})
+    report = render_report(params, config(), STATS, steer_metrics(["global"], False), [], HEADS, FINETUNE, SAE)
+    assert "(per_class is not among `steer.strategies`: no headline.)" in report
+    assert "| bowl | 76% -> 82%, usage 0.72 -> 0.33 (h2, h5) | class not in this data set |" in report
+    assert "head_keep_heatmap" not in report and "steer_class_usage" not in report
+    assert "strategies global, tolerance" in report  # no draws mentioned: no drawn strategy runs
+    assert "| per_class |" not in report
+
+
+def test_a_run_at_the_papers_scale_on_real_data_says_its_numbers_are_comparable(tiny_params):
+    params = tiny_params(data={"source": "imagefolder", "path": "somewhere"}, steer={"strategies": ["global"]})
+    report = render_report(params, config(embed_dim=384, depth=12), STATS, steer_metrics(["global"], False), [], HEADS, FINETUNE, SAE)
+    assert "This run has the paper's scale" in report and "smaller than the paper's" not in report
