@@ -52,6 +52,11 @@ class DataParams(Section):
     path: Path | None = None
     """`imagefolder`: the root holding `train/` and `test/`. `cifar100`: the download cache
     directory (default `data/raw`)."""
+    class_names: Path | None = None
+    """`imagefolder` with class folders named by an ID (e.g. WordNet IDs): a file of
+    `ID<TAB>name` lines giving the names reports and plots show (ImageNet's words.txt works: the
+    first comma-separated synonym is used). Null keeps the folder names. Edits inside the file
+    are not a DVC dependency (as for `path`): rerun `dvc repro -f download` after one."""
     max_per_class: Annotated[int, Field(ge=1)] | None = None
     """Keep at most this many images per class and split (the first ones in source order);
     null keeps all."""
@@ -64,6 +69,8 @@ class DataParams(Section):
     def _path_needed(self) -> DataParams:
         if self.source == "imagefolder" and self.path is None:
             raise ValueError("source 'imagefolder' needs `path` (a folder with train/ and test/)")
+        if self.class_names is not None and self.source != "imagefolder":
+            raise ValueError(f"`class_names` names image folders: it needs source 'imagefolder', not {self.source!r}")
         return self
 
 

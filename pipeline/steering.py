@@ -210,17 +210,20 @@ def overall(tally: Tally, variant: Variant) -> tuple[float, float]:
     return float(tally.correct[variant].sum() / n), float(tally.kept[variant].sum() / (n * tally.n_heads))
 
 
-def strategy_curves(tally: Tally, strategies: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Per strategy: alphas and the accuracy / head usage at each (random: mean over draws)."""
+def strategy_curves(tally: Tally, strategies: list[str]) -> dict[str, dict[str, list]]:
+    """Per strategy: alphas and the accuracy / head usage at each (a strategy with draws: the
+    mean over draws, with the [min, max] over draws in `accuracy_range` / `head_usage_range`)."""
     curves = {}
     for strategy in strategies:
         alphas = sorted({v.alpha for v in tally.count if v.strategy == strategy})
-        acc, usage = [], []
+        curve: dict[str, list] = {"alpha": alphas, "accuracy": [], "head_usage": [], "accuracy_range": [], "head_usage_range": []}
         for alpha in alphas:
             pairs = [overall(tally, v) for v in tally.count if v.strategy == strategy and v.alpha == alpha]
-            acc.append(sum(p[0] for p in pairs) / len(pairs))
-            usage.append(sum(p[1] for p in pairs) / len(pairs))
-        curves[strategy] = {"alpha": alphas, "accuracy": acc, "head_usage": usage}
+            for i, key in enumerate(("accuracy", "head_usage")):
+                values = [p[i] for p in pairs]
+                curve[key].append(sum(values) / len(values))
+                curve[f"{key}_range"].append([min(values), max(values)])
+        curves[strategy] = curve
     return curves
 
 

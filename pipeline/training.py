@@ -26,7 +26,7 @@ from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.params import AugmentParams, FinetuneParams
 from pipeline.progress import progress
 from pipeline.runtime import DistInfo
-from pipeline.storage import atomic_path
+from pipeline.storage import atomic_path, rounded
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def train(
     dist_info: DistInfo | None = None,
     checkpoint: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Train in place; return per-epoch history (train loss/accuracy, test accuracy, usage).
+    """Train in place; return per-epoch history (train loss/accuracy; on the main process also
+    test accuracy, final-block head usage and the usage of every block).
 
     With `checkpoint`, the state after every epoch is saved there, and training continues from
     it when it exists and `params.resume` is set (the resumed run equals an uninterrupted one).
@@ -258,8 +259,8 @@ def train(
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
         if dist_info.is_main:
             ev = evaluate(model, test_images, test_labels, config, device, batch_size=max(per_rank, 256))
-            row.update(test_accuracy=ev.accuracy, head_usage=ev.head_usage)
-            log.info("epoch %d/%d: %s", epoch + 1, params.epochs, {k: round(v, 4) for k, v in row.items()})
+            row.update(test_accuracy=ev.accuracy, head_usage=ev.head_usage, head_usage_per_block=ev.head_usage_per_block)
+            log.info("epoch %d/%d: %s", epoch + 1, params.epochs, {k: v for k, v in rounded(row, 4).items() if k != "head_usage_per_block"})
         state = TrainState(epoch=epoch + 1, history=[*state.history, row])
         if checkpoint is not None and dist_info.is_main:
             _checkpoint(checkpoint, model, opt, gen, state, fingerprint)

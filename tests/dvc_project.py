@@ -14,7 +14,10 @@ from pipeline.params import parse_params
 
 from conftest import REPO_ROOT, dvc_env
 
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+PROJECT_FILES = [
+    "dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore",
+    ".dvc/plots/series.json", ".dvc/plots/series_band.json",
+]
 
 
 def run(cwd: Path, *args: str, shell: bool = False) -> subprocess.CompletedProcess:

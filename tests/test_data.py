@@ -332,6 +332,59 @@ def test_failed_run_keeps_previous_dataset(in_tmp, tiny_params):
     assert sorted(p.name for p in (in_tmp / "data").iterdir()) == ["dataset"]
 
 
+def _make_id_tree(root: Path) -> None:
+    """Class folders named by WordNet-style IDs, in the order n1 < n2 < n3."""
+    for split in ("train", "test"):
+        for seed, folder in enumerate(("n01", "n02", "n03")):
+            (root / split / folder).mkdir(parents=True)
+            Image.fromarray(_rgb(seed)).save(root / split / folder / "a.png")
+
+
+def test_a_class_names_file_turns_folder_ids_into_words(tmp_path, tiny_params):
+    _make_id_tree(tmp_path / "tree")
+    words = tmp_path / "words.txt"  # ImageNet's words.txt style: synonyms after a tab, commas between
+    words.write_text("# id\tname\nn03\tcrane, derrick\nn01\ttench, Tinca tinca\n\nn02\tcrane\nn99\tunused\n")
+    data = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree"), "class_names": str(words)}).data
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = sources.build_dataset(data, out)
+    train = dataset.load_images(out / "train.parquet")
+    # folder order (the labels) is kept; two folders called "crane" are told apart by their ID
+    assert train.class_names == ["tench", "crane (n02)", "crane (n03)"]
+    assert summary["class_names"] == train.class_names and train.labels.tolist() == [0, 1, 2]
+    assert train.meta["source"]["class_names_file"] == str(words)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot be read"),
+    ("n01 tench\n", "line 1 is not `ID<TAB>name`"),
+    ("n01\ttench\nn01\ttinca\n", "'n01' appears twice"),
+    ("n01\ttench\nn02\tgoldfish\n", "no name for the class folders ['n03']"),
+])
+def test_a_bad_class_names_file_exits_2_naming_the_key_and_writes_nothing(in_tmp, tiny_params_dict, content, message):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _make_id_tree(in_tmp / "tree")
+    if content is not None:
+        (in_tmp / "words.txt").write_text(content)
+    params = tiny_params_dict(data={"source": "imagefolder", "path": "tree", "class_names": "words.txt"})
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["download"])
+    assert result.exit_code == 2, result.output
+    assert "data.class_names" in result.output and message in result.output and "Traceback" not in result.output
+    _nothing_written(in_tmp)
+
+
+def test_class_names_need_an_image_folder(tiny_params):
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match="`class_names` names image folders: it needs source 'imagefolder'"):
+        tiny_params(data={"class_names": "words.txt"})
+
+
 def test_cli_reports_a_bad_folder(in_tmp, tiny_params_dict):
     import yaml
     from typer.testing import CliRunner

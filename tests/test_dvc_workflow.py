@@ -144,17 +144,19 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
     for column in [
         "metrics/finetune.json:test_accuracy",
         "metrics/finetune.json:head_usage",
-        "metrics/sae.json:test.fvu",
-        "metrics/sae.json:test.l0",
-        "metrics/latent_stats.json:overlap_global_vs_class",
-        "metrics/latent_stats.json:jaccard_global_vs_class",
-        "metrics/steer.json:per_class_headline.mean_usage_reduction",
-        "metrics/steer.json:per_class_headline.mean_accuracy_change",
+        "metrics/sae.json:fvu",
+        "metrics/sae.json:l0",
+        "metrics/sae.json:dead_fraction",
+        "metrics/latent_stats.json:overlap",
+        "metrics/latent_stats.json:jaccard",
+        "metrics/steer.json:usage_drop",
+        "metrics/steer.json:acc_change",
+        "metrics/steer.json:fewer_heads",
     ]:
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
-    assert metrics["metrics/sae.json:test.l0"] == TINY_PARAMS["sae"]["k"]
-    # the data set's per-class counts are a description, not metrics: no column per class
-    assert not any("per_class." in column for column in metrics)
+    assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
+    # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
+    assert len(metrics) == 10, sorted(metrics)
     commit(repo, "alt applied")
 
 
@@ -181,6 +183,93 @@ def _exp_show(repo: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 # ------------------------------------------------------------------------------- sharing
+# ---------------------------------------------------------------------- what a user opens
+PLOT_IDS = [
+    "finetune_accuracy", "finetune_loss", "finetune_block_usage", "sae_fvu", "sae_dead", "class_overlap",
+    "steer_accuracy", "steer_usage", "steer_class_usage",
+    "metrics/plots/overlap_heatmap.png", "metrics/plots/firing_frequency.png", "metrics/plots/steer_curves.png",
+    "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png",
+]
+
+
+def _plots(repo: Path) -> dict[str, list[dict[str, Any]]]:
+    return json.loads(run(repo, "dvc", "plots", "show", "--json").stdout)["data"]
+
+
+def _axis_titles(spec: dict[str, Any]) -> dict[str, Any]:
+    """The x and y axis titles of a Vega-Lite spec, looking into its layers."""
+    titles = {}
+    for part in [spec, *spec.get("layer", [])]:
+        for axis in ("x", "y"):
+            title = (part.get("encoding") or {}).get(axis, {}).get("title")
+            if title:
+                titles.setdefault(axis, title)
+    return titles
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_draws_each_figure_once_titled_with_labelled_axes(project):
+    plots = _plots(project.repo)
+    assert list(plots) == PLOT_IDS  # the figures defined in dvc.yaml, nothing drawn by default
+    dvc_yaml = yaml.safe_load((project.repo / "dvc.yaml").read_text())
+    assert not any("plots" in stage for stage in dvc_yaml["stages"].values())  # no stage-level plots
+    drawn = []  # the data files of the figures
+    for definition in dvc_yaml["plots"]:
+        drawn += [definition] if isinstance(definition, str) else list(next(iter(definition.values()))["y"])
+    assert len(drawn) == len(set(drawn)), drawn  # no file is drawn twice
+    for plot_id, renders in plots.items():
+        assert len(renders) == 1, plot_id  # one revision: the workspace
+        render = renders[0]
+        if render["type"] == "image":
+            continue
+        spec = render["content"]
+        title = spec["title"]["text"] if isinstance(spec["title"], dict) else spec["title"]
+        assert title and "<DVC" not in title, plot_id
+        axes = _axis_titles(spec)
+        assert set(axes) == {"x", "y"} and all("<DVC" not in t for t in axes.values()), (plot_id, axes)
+        assert axes["x"] != "step", plot_id  # no DVC default plot against `step`
+    # the series templates colour one line per series, with a legend titled in words
+    usage = plots["steer_usage"][0]["content"]
+    assert usage["encoding"]["color"]["field"] == "series"
+    assert {row["series"] for row in usage["data"]["values"]} == {"per_class", "global", "random"}
+
+
+@pytest.mark.slow
+def test_every_vega_plot_renders_offline_to_a_png(project, tmp_path):
+    vl_convert = pytest.importorskip("vl_convert")
+    for plot_id, renders in _plots(project.repo).items():
+        if renders[0]["type"] != "vega":
+            continue
+        png = vl_convert.vegalite_to_png(renders[0]["content"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, plot_id
+        (tmp_path / f"{plot_id}.png").write_bytes(png)
+
+
+EXP_SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", "Created|data/|models/|metrics/", "--no-pager"]
+"""The documented command (docs/EXPERIMENTS.md): changed columns only, without the columns of
+changed data dependencies (full 32-character hashes) and the creation time."""
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_after_a_one_parameter_sweep_is_legible_at_120_columns(project):
+    repo = project.repo
+    sh(repo, "dvc", "exp", "run", "--temp", "-n", "k8", "-S", "sae.k=8")  # --temp: the workspace stays as it is
+    env = {**dvc_env(), "COLUMNS": "120"}
+    out = subprocess.run(EXP_SHOW, cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    header = next(line for line in lines if "Experiment" in line)
+    assert "…" not in header, out
+    for column in ("sae.k", "fvu", "l0", "dead_fraction", "overlap", "jaccard"):
+        assert f" {column} " in f" {header} ", (column, out)
+    assert max(len(line) for line in lines) <= 120
+    assert any("k8" in line for line in lines)
+    # the plain command also shows each changed data dependency's hash: what --drop removes
+    plain = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo,
+                           env={**env, "COLUMNS": "400"}, capture_output=True, text=True, check=True).stdout
+    assert "models/sae" in plain
+    sh(repo, "dvc", "exp", "remove", "k8")
+
+
 @pytest.mark.slow
 def test_push_then_a_fresh_clone_pulls_every_output_and_reruns_nothing(project):
     repo = project.repo
@@ -418,7 +507,7 @@ def test_the_documented_sweep_runs_every_value_through_the_queue(project):
     runs = [row for row in _exp_show(repo).values() if row["params"].get("sae.k") in (2, 8) and row["metrics"]]
     assert sorted(row["params"]["sae.k"] for row in runs) == [2, 8]
     for row in runs:  # each experiment's own SAE: exactly k latents active per sample
-        assert row["metrics"]["metrics/sae.json:test.l0"] == row["params"]["sae.k"]
+        assert row["metrics"]["metrics/sae.json:l0"] == row["params"]["sae.k"]
 
 
 # ------------------------------------------------------------------------- determinism

@@ -51,8 +51,8 @@ def test_stored_logits_recompute_from_stored_x(workdir):
 
 
 def test_recomputed_accuracy_and_usage_match_finetune(workdir):
-    finetune_metrics = json.loads((workdir / "metrics/finetune.json").read_text())
-    extract_metrics = json.loads((workdir / "metrics/extract.json").read_text())
+    finetune_metrics = json.loads((workdir / "metrics/details/finetune.json").read_text())
+    extract_metrics = json.loads((workdir / "metrics/details/extract.json").read_text())
     table = read_embeddings(workdir / "data/embeddings/test.parquet")
     assert table.accuracy == pytest.approx(finetune_metrics["test_accuracy"], abs=1e-12)
     assert table.head_usage == pytest.approx(finetune_metrics["head_usage"], abs=1e-12)

@@ -17,7 +17,7 @@ from pipeline.stages.extract import shard_rows
 
 from conftest import TINY_PARAMS, _merge
 
-OUTPUTS = ["data/embeddings/train.parquet", "data/embeddings/test.parquet", "metrics/extract.json"]
+OUTPUTS = ["data/embeddings/train.parquet", "data/embeddings/test.parquet", "metrics/details/extract.json"]
 
 
 @pytest.mark.parametrize("n, batch_size, world", [(64, 24, 2), (32, 24, 2), (10, 3, 3), (5, 8, 2), (0, 4, 2)])

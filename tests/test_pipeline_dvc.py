@@ -20,7 +20,7 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "steer"}
     report = (repo / "metrics/report.md").read_text()
     assert "## Per-class steering (headline)" in report and "| class |" in report
-    steer = json.loads((repo / "metrics/steer.json").read_text())
+    steer = json.loads((repo / "metrics/details/steer.json").read_text())
     assert set(steer["strategies"]) == {"per_class", "global", "random"}
 
     second = sh(repo, "dvc", "repro")

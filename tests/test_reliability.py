@@ -633,10 +633,10 @@ def stopped_before_commit(args: list[str], output: str, nth: int = 1) -> Iterato
 
 KILLED = [
     ("download", "data/dataset", {"data": {"seed": 1}}, ["metrics/dataset.json"]),
-    ("train-sae", "models/sae", {"sae": {"seed": 1}}, ["metrics/sae.json", "metrics/plots/sae_train.json"]),
-    pytest.param("finetune", "models/vit", {"finetune": {"seed": 1}}, ["metrics/finetune.json", "metrics/finetune"],
+    ("train-sae", "models/sae", {"sae": {"seed": 1}}, ["metrics/sae.json", "metrics/details/sae.json", "metrics/plots/sae_fvu.json"]),
+    pytest.param("finetune", "models/vit", {"finetune": {"seed": 1}}, ["metrics/finetune.json", "metrics/plots/finetune_loss.json"],
                  marks=pytest.mark.slow),
-    pytest.param("extract", "data/embeddings", {"extract": {"batch_size": 7}}, ["metrics/extract.json"], marks=pytest.mark.slow),
+    pytest.param("extract", "data/embeddings", {"extract": {"batch_size": 7}}, ["metrics/details/extract.json"], marks=pytest.mark.slow),
 ]
 
 
@@ -702,7 +702,8 @@ def test_download_killed_mid_write_keeps_the_previous_data_set(work: Path, tmp_p
 
 # ================================================================================== 4. resume
 RESUMABLE = {"finetune": {"epochs": 3, "resume": True}}
-FINETUNE_OUTPUTS = ("models/vit", "metrics/finetune.json", "metrics/finetune")
+FINETUNE_OUTPUTS = ("models/vit", "metrics/finetune.json", "metrics/details/finetune.json", "metrics/plots/finetune_accuracy.json",
+                    "metrics/plots/finetune_loss.json", "metrics/plots/finetune_block_usage.json")
 
 
 def _finetune_outputs(root: Path) -> dict[str, dict[str, bytes]]:

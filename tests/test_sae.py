@@ -368,13 +368,18 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     p = tiny_params(sae={"expansion": 2, "k": 3, "epochs": 3, "batch_size": 32})
 
     stage.run(p)
-    metrics = json.loads(Path("metrics/sae.json").read_text())
+    headline = json.loads(Path("metrics/sae.json").read_text())
+    metrics = json.loads(Path("metrics/details/sae.json").read_text())
+    assert headline == {key: metrics["test"][key] for key in ("fvu", "l0", "dead_fraction")}
     assert set(metrics["train"]) == set(metrics["test"]) == {"mse", "fvu", "l0", "dead_fraction"}
     assert metrics["n_latents"] == 16 and metrics["k"] == 3 and metrics["epochs"] == 3
     assert 0 < metrics["test"]["fvu"] < 1.5 and 0 < metrics["test"]["l0"] <= 3
-    curves = json.loads(Path("metrics/plots/sae_train.json").read_text())
+    curves = metrics["history"]
     assert [row["epoch"] for row in curves] == [1, 2, 3]
     assert {"loss", "train_fvu", "test_fvu", "dead_fraction"} <= set(curves[0])
+    fvu = json.loads(Path("metrics/plots/sae_fvu.json").read_text())
+    assert [(r["epoch"], r["series"]) for r in fvu if r["series"] == "test FVU"] == [(1, "test FVU"), (2, "test FVU"), (3, "test FVU")]
+    assert [r["fvu"] for r in fvu if r["series"] == "test FVU"] == [row["test_fvu"] for row in curves]
 
     sae = load_sae("models/sae")
     config = json.loads(Path("models/sae/config.json").read_text())
@@ -384,7 +389,7 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     assert evaluate_sae(sae, test_x)["fvu"] == pytest.approx(metrics["test"]["fvu"], rel=1e-5)
 
     # same params on the CPU: byte-identical outputs
-    before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/plots/sae_train.json",
+    before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/details/sae.json", "metrics/plots/sae_fvu.json",
                                                        "models/sae/model.safetensors", "models/sae/config.json"])}
     stage.run(p)
     assert all(path.read_bytes() == data for path, data in before.items())

@@ -238,6 +238,7 @@ STAGE_OUTPUTS = [
     "data/stats/latents.parquet",
     "data/stats/top_sets.json",
     "metrics/latent_stats.json",
+    "metrics/details/latent_stats.json",
     "metrics/plots/overlap_heatmap.png",
     "metrics/plots/firing_frequency.png",
     "metrics/plots/class_overlap.json",
@@ -271,7 +272,9 @@ def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
     latent_stats.run(params)
     assert {p: Path(p).read_bytes() for p in STAGE_OUTPUTS} == first  # byte-identical rerun
 
-    metrics = json.loads(Path("metrics/latent_stats.json").read_text())
+    metrics = json.loads(Path("metrics/details/latent_stats.json").read_text())
+    headline = json.loads(Path("metrics/latent_stats.json").read_text())
+    assert headline == {"overlap": metrics["overlap_global_vs_class"], "jaccard": metrics["jaccard_global_vs_class"]}
     top = json.loads(Path("data/stats/top_sets.json").read_text())
     rows = pq.read_table("data/stats/latents.parquet").to_pylist()
     assert pq.read_schema("data/stats/latents.parquet").field("class_id").type == pa.int32()

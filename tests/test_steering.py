@@ -273,7 +273,9 @@ def test_overall_and_strategy_curves_average_images_then_draws():
     assert accuracy == 2 / 4  # images 0, 1 right; a mean of class means would give (2/3 + 0) / 2
     assert usage == 5 / 8  # kept heads over images x heads
     curves = strategy_curves(tally, ["per_class", "random"])
-    assert curves["per_class"] == {"alpha": [0.0], "accuracy": [0.5], "head_usage": [0.625]}
+    assert curves["per_class"] == {"alpha": [0.0], "accuracy": [0.5], "head_usage": [0.625],
+                                   "accuracy_range": [[0.5, 0.5]], "head_usage_range": [[0.625, 0.625]]}
     assert curves["random"]["alpha"] == [0.0, 1.0]
     assert curves["random"]["accuracy"] == [1.0, 0.5]  # draws at alpha 1: 1.0 and 0.0
     assert curves["random"]["head_usage"] == [1.0, 0.5]
+    assert curves["random"]["accuracy_range"] == [[1.0, 1.0], [0.0, 1.0]]  # the spread over draws

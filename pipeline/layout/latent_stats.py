@@ -8,9 +8,12 @@ STATS = Path("data/stats")
 LATENTS = STATS / "latents.parquet"
 TOP_SETS = STATS / "top_sets.json"
 METRICS = Path("metrics/latent_stats.json")
+"""Headline numbers only: the global-vs-class top-set overlap, |A ∩ B| / K and Jaccard."""
+DETAILS = Path("metrics/details/latent_stats.json")
+"""Alive latents, L0, set sizes, test-split statistics, related classes."""
 CLASS_OVERLAP = Path("metrics/plots/class_overlap.json")
 OVERLAP_HEATMAP = Path("metrics/plots/overlap_heatmap.png")
 FIRING_HISTOGRAM = Path("metrics/plots/firing_frequency.png")
 
 READS = (extract.EMBEDDINGS, train_sae.SAE)
-WRITES = (STATS, METRICS, CLASS_OVERLAP, OVERLAP_HEATMAP, FIRING_HISTOGRAM)
+WRITES = (STATS, METRICS, DETAILS, CLASS_OVERLAP, OVERLAP_HEATMAP, FIRING_HISTOGRAM)

@@ -7,6 +7,10 @@ from pipeline.layout import download, extract, finetune, latent_stats, train_sae
 RESULTS_DIR = Path("data/steer")
 RESULTS = RESULTS_DIR / "results.parquet"
 METRICS = Path("metrics/steer.json")
+"""Headline numbers only: the per-class steering headline (mean usage reduction, mean accuracy
+change, classes that use fewer heads)."""
+DETAILS = Path("metrics/details/steer.json")
+"""Baseline, every strategy's curve, settings, the headline's top classes."""
 REPORT = Path("metrics/report.md")
 ACCURACY = Path("metrics/plots/steer_accuracy.json")
 USAGE = Path("metrics/plots/steer_usage.json")
@@ -17,6 +21,6 @@ CLASS_USAGE_PNG = Path("metrics/plots/steer_class_usage.png")
 
 READS = (
     download.DATASET, extract.EMBEDDINGS, latent_stats.STATS, finetune.MODEL, train_sae.SAE,
-    latent_stats.METRICS, finetune.METRICS, train_sae.METRICS,
+    latent_stats.DETAILS, finetune.DETAILS, train_sae.DETAILS,
 )
-WRITES = (RESULTS_DIR, REPORT, METRICS, ACCURACY, USAGE, CLASS_USAGE, HEAD_KEEP_HEATMAP, CURVES_PNG, CLASS_USAGE_PNG)
+WRITES = (RESULTS_DIR, REPORT, METRICS, DETAILS, ACCURACY, USAGE, CLASS_USAGE, HEAD_KEEP_HEATMAP, CURVES_PNG, CLASS_USAGE_PNG)

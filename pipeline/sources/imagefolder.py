@@ -1,8 +1,11 @@
-"""`data.source: imagefolder`: a `ROOT/{train,test}/CLASS/*.png|jpg|jpeg` tree at `data.path`."""
+"""`data.source: imagefolder`: a `ROOT/{train,test}/CLASS/*.png|jpg|jpeg` tree at `data.path`,
+with class names from the folder names or, for folders named by an ID (WordNet IDs such as
+`n02132136`), from the file `data.class_names`."""
 
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from PIL import Image
 
 from pipeline.dataset import SPLITS, Record, SplitSource, encode_png, first_per_class, map_ordered
 from pipeline.errors import PipelineError
-from pipeline.params import DataParams
+from pipeline.params import DataParams, ParamsError
 
 NAME = "imagefolder"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -82,4 +85,41 @@ def open_split(data: DataParams, split: str, workers: int) -> SplitSource:
         return Record(position, label, png, size, str(path))
 
     description = {"kind": "imagefolder", "path": str(data.path)}
-    return SplitSource(class_names, description, map_ordered(load, keep, workers), len(keep))
+    shown = class_names
+    if data.class_names is not None:
+        shown = readable_names(class_names, read_class_names(data.class_names))
+        description["class_names_file"] = str(data.class_names)
+    return SplitSource(shown, description, map_ordered(load, keep, workers), len(keep))
+
+
+def read_class_names(path: Path) -> dict[str, str]:
+    """`data.class_names`: `ID<TAB>name` lines (blank lines and `#` comments skipped). With
+    several comma-separated synonyms, as in ImageNet's words.txt, the first is the name."""
+    where = f"data.class_names = '{path}'"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{where}: cannot be read ({exc})") from None
+    names: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("\t")
+        name = value.split(",")[0].strip()
+        if not sep or not key.strip() or not name:
+            raise ParamsError(f"{where}: line {number} is not `ID<TAB>name` ({line[:60]!r})")
+        if key.strip() in names:
+            raise ParamsError(f"{where}: ID {key.strip()!r} appears twice (line {number})")
+        names[key.strip()] = name
+    return names
+
+
+def readable_names(folders: Sequence[str], names: dict[str, str]) -> list[str]:
+    """Each class folder's name from the file; a name that two folders share (ImageNet has two
+    "crane"s) is told apart by its folder, as in `crane (n02012849)`."""
+    missing = [folder for folder in folders if folder not in names]
+    if missing:
+        raise ParamsError(f"data.class_names: no name for the class folders {missing[:5]} ({len(missing)} of {len(folders)})")
+    shown = [names[folder] for folder in folders]
+    counts = Counter(shown)
+    return [f"{name} ({folder})" if counts[name] > 1 else name for name, folder in zip(shown, folders)]

@@ -136,7 +136,7 @@ def write_metrics(model_hash: str) -> None:
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
     tables = {split: read_embeddings(files.embeddings_split(split)) for split in SPLITS}
     test = tables["test"]
-    finetune_metrics = read_json(finetune.METRICS)
+    finetune_metrics = read_json(finetune.DETAILS)  # unrounded
     consistent = abs(test.accuracy - finetune_metrics["test_accuracy"]) < 1e-9 and abs(test.head_usage - finetune_metrics["head_usage"]) < 1e-9
     if not consistent:
         log.warning(
@@ -144,7 +144,7 @@ def write_metrics(model_hash: str) -> None:
             test.accuracy, test.head_usage, finetune_metrics["test_accuracy"], finetune_metrics["head_usage"],
         )
     write_json(
-        files.METRICS,
+        files.DETAILS,
         {
             "rows": {split: int(t.x.shape[0]) for split, t in tables.items()},
             "dim": test.dim,

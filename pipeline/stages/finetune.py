@@ -1,40 +1,42 @@
 """`finetune`: train the head-gated ViT on data/dataset; write models/vit and its metrics.
 
-Runs as one process or under torchrun (DistributedDataParallel); only rank 0 writes.
-Per-epoch curves go through DVCLive (metrics/finetune/), replayed from the run's history once
-training is complete so that the directory appears whole and without timestamps.
+Runs as one process or under torchrun (DistributedDataParallel); only rank 0 writes. The
+per-epoch curves (accuracy and usage, loss, usage of every gated block) are written once
+training is complete, as long tables for the figures `dvc.yaml` defines.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from pipeline.dataset import load_images
 from pipeline.gated_vit import build_gated_vit, model_config, save_gated_vit
 from pipeline.layout import download
 from pipeline.layout import finetune as files
 from pipeline.params import Params
+from pipeline.plot_data import series_rows
 from pipeline.runtime import device_and_distributed, finish_distributed, seed_everything
-from pipeline.storage import atomic_path, clean_outputs, write_json
+from pipeline.storage import clean_outputs, rounded, write_json
 from pipeline.training import evaluate, train
 
 log = logging.getLogger(__name__)
 
 
-def write_curves(history: list[dict[str, float]], directory: Path) -> None:
-    """Per-epoch curves in DVCLive's layout (plots/metrics/<name>.tsv), written atomically."""
-    from dvclive import Live
-
-    with atomic_path(directory, directory=True) as tmp:
-        live = Live(dir=str(tmp), save_dvc_exp=False, dvcyaml=None, report=None)
-        for row in history:
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key, value)
-            live.next_step()
-        live.end()
+def write_curves(history: list[dict], keep_layers: int) -> None:
+    """The per-epoch figures' data: accuracy and usage (one axis: fractions), loss, and the
+    head usage of every gated block."""
+    epochs = [row["epoch"] for row in history]
+    write_json(files.ACCURACY_CURVES, series_rows("epoch", epochs, {
+        "train accuracy": [row["train_accuracy"] for row in history],
+        "test accuracy": [row["test_accuracy"] for row in history],
+        "final-block head usage": [row["head_usage"] for row in history],
+    }))
+    write_json(files.LOSS_CURVE, series_rows("epoch", epochs, {"train loss": [row["train_loss"] for row in history]}))
+    depth = len(history[0]["head_usage_per_block"])
+    write_json(files.BLOCK_USAGE_CURVES, series_rows("epoch", epochs, {
+        f"block {b}": [row["head_usage_per_block"][b] for row in history] for b in range(keep_layers, depth)
+    }, y_name="head_usage"))
 
 
 def run(params: Params) -> None:
@@ -65,7 +67,8 @@ def run(params: Params) -> None:
         log.info("trained in %.1f s (%.0f images/s)", elapsed, seen / elapsed)
         final = evaluate(model, test_set.images, test_set.labels, config, device, batch_size=256)
         save_gated_vit(files.MODEL, model.cpu(), config)
-        write_curves(history, files.CURVES)
-        write_json(files.METRICS, {**final.summary(), "epochs": fp.epochs, "num_classes": len(class_names)})
+        write_curves(history, config.keep_layers)
+        write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage}))
+        write_json(files.DETAILS, {**final.summary(), "epochs": fp.epochs, "num_classes": len(class_names)})
         log.info("test accuracy %.4f, final-block head usage %.3f", final.accuracy, final.head_usage)
     finish_distributed(dist_info)

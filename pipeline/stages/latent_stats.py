@@ -6,7 +6,8 @@ well each class's test set agrees with its train set. Writes:
 - data/stats/latents.parquet: long table (split, class, class_id, latent, frequency,
   mean_activation, count, rank), only rows with frequency > 0;
 - data/stats/top_sets.json: the sets steering uses, plus each latent's mean active value;
-- metrics/latent_stats.json, metrics/plots/class_overlap.json and two PNG figures.
+- metrics/latent_stats.json (the headline overlaps), metrics/details/latent_stats.json,
+  metrics/plots/class_overlap.json and two PNG figures.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def run(params: Params) -> None:
     metrics["class_overlap_offdiag_mean"] = _r(_offdiag_mean(overlap))
     metrics["related"] = _related(overlap, jaccard, class_names, params.stats.related)
     metrics.update(top_k=top_k, n_latents=n_latents, n_classes=len(class_names))
-    write_json(files.METRICS, metrics)
+    write_json(files.DETAILS, metrics)
+    write_json(files.METRICS, {"overlap": metrics["overlap_global_vs_class"], "jaccard": metrics["jaccard_global_vs_class"]})
 
     write_json(files.CLASS_OVERLAP, [
         {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}

@@ -31,7 +31,7 @@ from pipeline.steering import (
     strategy_curves,
     variants_for,
 )
-from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, write_json, write_text
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, rounded, write_json, write_text
 from pipeline.strategies import STRATEGIES, LatentSets
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,26 @@ def run(params: Params) -> None:
                 for c in top
             ],
         }
-    write_json(files.METRICS, metrics)
+    write_json(files.DETAILS, metrics)
+    if headline:
+        summary = metrics["per_class_headline"]
+        # short names keep `dvc exp show` legible at 120 columns (docs/EXPERIMENTS.md explains them)
+        write_json(files.METRICS, rounded({
+            "usage_drop": summary["mean_usage_reduction"],
+            "acc_change": summary["mean_accuracy_change"],
+            "fewer_heads": summary["classes_with_reduction"],
+        }))
+    else:
+        write_json(files.METRICS, {})
 
-    # dvc plots data: one row per alpha, one column per strategy (the paper's Figures 2 and 3)
-    alphas = sorted({a for c in curves.values() for a in c["alpha"]})
+    # dvc plots data (the paper's Figures 2 and 3): one row per (alpha, strategy), with the
+    # spread over draws as a band
     for key, path in (("accuracy", files.ACCURACY), ("head_usage", files.USAGE)):
-        table = [{"alpha": a, **{s: c[key][c["alpha"].index(a)] for s, c in curves.items() if a in c["alpha"]}} for a in alphas]
-        write_json(path, table)
+        write_json(path, [
+            {"alpha": a, "series": name, key: rounded(value), "low": rounded(band[0]), "high": rounded(band[1])}
+            for name, curve in curves.items()
+            for a, value, band in zip(curve["alpha"], curve[key], curve[f"{key}_range"])
+        ])
     write_json(files.CLASS_USAGE,
                [{"class": c.name, "baseline_usage": c.baseline_usage, "steered_usage": c.usage, "alpha": c.alpha} for c in headline])
     styles = {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}
@@ -142,7 +155,7 @@ def run(params: Params) -> None:
         baseline_keep = [[r[f"keep_h{h}"] for h in range(model.num_heads)] for r in rows if r["strategy"] == "per_class" and r["alpha"] == 0.0]
         plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, files.CLASS_USAGE_PNG)
-    report = render_report(params, config, read_json(latent_stats.METRICS), metrics, headline, heads,
-                           read_json(finetune.METRICS), read_json(train_sae.METRICS))
+    report = render_report(params, config, read_json(latent_stats.DETAILS), metrics, headline, heads,
+                           read_json(finetune.DETAILS), read_json(train_sae.DETAILS))
     write_text(files.REPORT, report)
     log.info("baseline accuracy %.4f usage %.3f; report in %s", base_acc, base_usage, files.REPORT)
