@@ -42,10 +42,10 @@ def main() -> None:
     sp = load_params(args.params or root / "params.yaml").steer
     model, config = load_gated_vit(root / "models/vit")
     sae = load_sae(root / "models/sae")
-    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config.class_names, sp.random_draws, sp.seed)
+    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config.class_names, sp.null_draws, sp.seed)
     test = load_images(root / "data/dataset/test.parquet")
     images, labels = test.images[: args.images], test.labels[: args.images]
-    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)
+    variants = variants_for(sp.strategies, sp.alphas, sp.null_draws)
     cpu = torch.device("cpu")
 
     timings, tallies = {}, {}
@@ -57,7 +57,7 @@ def main() -> None:
     assert rows[0] == rows[1], "fast and naive sweeps disagree"
     shape = config.shape
     print(f"steering sweep: {len(variants)} variants ({', '.join(sp.strategies)}; {len(set(sp.alphas) | {0.0})} alphas; "
-          f"{sp.random_draws} random draws) x {len(images)} images; model depth {shape.depth}, width {shape.embed_dim}")
+          f"{sp.null_draws} draws per random strategy) x {len(images)} images; model depth {shape.depth}, width {shape.embed_dim}")
     print(f"{'path':<34}{'seconds':>9}{'variant-images/s':>18}")
     for name, t in timings.items():
         print(f"{name:<34}{t:>9.2f}{len(variants) * len(images) / t:>18.0f}")

@@ -1,7 +1,8 @@
 """The canonical image data set every stage after `download` reads: its format, writer and reader.
 
-Layout of data/dataset/{train,test}.parquet (written by the `download` stage from a source in
-`pipeline/sources/`):
+Layout of data/dataset/{train,val,test}.parquet (written by the `download` stage from a source in
+`pipeline/sources/`; `val` is a seeded, class-stratified part of the source's training split,
+`data.val_per_class` images of every class, and absent when that is 0):
 
 | column | type   | meaning                                                        |
 |--------|--------|----------------------------------------------------------------|
@@ -35,14 +36,20 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.params import ParamsError
 from pipeline.progress import progress
-from pipeline.storage import parquet_writer, read_table, with_metadata
+from pipeline.storage import metadata_dict, parquet_writer, read_table, with_metadata
 
 SPLITS = ("train", "test")
+"""The splits a source provides; `download` carves `val` out of `train` (data.val_per_class)."""
+ALL_SPLITS = ("train", "val", "test")
+VALIDATION_STREAM = 7919
+"""Keys the validation draw's random stream apart from any other use of `data.seed`."""
 ROW_GROUP_SIZE = 1024
 PNG_COMPRESS_LEVEL = 6
 
@@ -259,3 +266,86 @@ def load_images(path: Path | str, num_workers: int = 0) -> ImageSet:
         class_names=class_names,
         meta=meta,
     )
+
+
+# ---------------------------------------------------------------------------- validation split
+def validation_rows(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """(N,) bool: `per_class` rows of each class, drawn without replacement by a generator keyed
+    by (seed, class), so a class's choice does not depend on the other classes."""
+    chosen = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) <= per_class:
+            raise ParamsError(
+                f"data.val_per_class = {per_class}: class {int(label)} has only {len(rows)} training images "
+                "(the validation split must leave some for training)"
+            )
+        pick = np.random.default_rng([VALIDATION_STREAM, seed & 0xFFFFFFFF, int(label)]).choice(len(rows), per_class, replace=False)
+        chosen[rows[pick]] = True
+    return chosen
+
+
+def carve_validation(train_path: Path, val_path: Path, per_class: int, seed: int) -> None:
+    """Move `per_class` images of every class from the written training split into a
+    validation split (same schema, metadata `split: val`), streaming a row group at a time."""
+    source = pq.ParquetFile(str(train_path))
+    labels = source.read(columns=["label"]).column("label").to_numpy()
+    to_val = validation_rows(labels, per_class, seed)
+    meta = metadata_dict(source.schema_arrow)
+    kept_path = train_path.with_name(f".{train_path.name}.carving")
+    writers = {
+        False: _Rechunker(kept_path, source.schema_arrow),
+        True: _Rechunker(val_path, with_metadata(source.schema_arrow, {**meta, "split": "val"})),
+    }
+    start = 0
+    for group in range(source.num_row_groups):
+        table = source.read_row_group(group)
+        mask = to_val[start : start + table.num_rows]
+        start += table.num_rows
+        for is_val, writer in writers.items():
+            writer.add(table.filter(pa.array(mask == is_val)))
+    for writer in writers.values():
+        writer.close()
+    kept_path.replace(train_path)
+
+
+def split_summary(path: Path) -> dict[str, Any]:
+    """Counts of a written split, as `write_split` returns them."""
+    source = pq.ParquetFile(str(path))
+    meta = metadata_dict(source.schema_arrow)
+    labels = source.read(columns=["label"]).column("label").to_numpy()
+    counts = np.bincount(labels, minlength=len(meta["class_names"]))
+    return {"total": int(counts.sum()), "image_size": meta["image_size"],
+            "per_class": {name: int(n) for name, n in zip(meta["class_names"], counts)}}
+
+
+def available_splits(directory: Path | str) -> tuple[str, ...]:
+    """The splits of the data set (or embeddings) in `directory`, in ALL_SPLITS order."""
+    return tuple(split for split in ALL_SPLITS if split_path(directory, split).exists())
+
+
+class _Rechunker:
+    """Writes tables into full ROW_GROUP_SIZE row groups (the last one shorter)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.writer = parquet_writer(path, schema)
+        self.schema = schema
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table.replace_schema_metadata(self.schema.metadata))
+        self.rows += table.num_rows
+        while self.rows >= ROW_GROUP_SIZE:
+            self._flush(ROW_GROUP_SIZE)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP_SIZE)
+        rest = table.slice(n)
+        self.pending, self.rows = [rest], rest.num_rows
+
+    def close(self) -> None:
+        if self.rows:
+            self._flush(self.rows)
+        self.writer.close()

@@ -60,8 +60,12 @@ class DataParams(Section):
     max_per_class: Annotated[int, Field(ge=1)] | None = None
     """Keep at most this many images per class and split (the first ones in source order);
     null keeps all."""
+    val_per_class: Annotated[int, Field(ge=0)] = 50
+    """Training images per class moved into the validation split data/dataset/val.parquet
+    (drawn with `seed`, the same for every class count): `steer` chooses its alphas there, so
+    the test split only reports. 50 keeps CIFAR-100 at 45,000 training images; 0: no split."""
     seed: int = 0
-    """Seed of the synthetic generator."""
+    """Seed of the synthetic generator and of the validation draw."""
     synthetic: SyntheticParams = SyntheticParams()
     """Shape of the synthetic data set (used only when `source` is `synthetic`)."""
 
@@ -265,21 +269,31 @@ class StatsParams(Section):
 class SteerParams(Section):
     """`steer`: amplify latent sets and measure accuracy and final-block head usage."""
 
-    strategies: list[str] = ["per_class", "global", "random"]
+    strategies: list[str] = ["per_class", "per_class_predicted", "global", "random", "random_per_class"]
     """Which latent sets to steer, by name in `pipeline.strategies.STRATEGIES`: `per_class` (the
-    true class's set, an oracle), `global` (the global set), `random` (random sets of the same
-    size). Unknown names are refused by every command (exit 2)."""
+    true class's set, an oracle), `per_class_predicted` (the set of the class the unsteered model
+    predicts: deployable), `global` (the global set), `random` / `random_per_class` (random sets
+    of the global set's / the class set's size: the nulls). Unknown names: exit 2."""
     alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
     """Steering strengths; 0 is the unsteered baseline and is always evaluated."""
     mode: Literal["scale", "add"] = "scale"
     """`scale`: z_j -> (1 + alpha) z_j; `add`: z_j -> z_j + alpha * (mean active value of j)."""
     keep_error: bool = True
     """True: x' = x + W_dec (z' - z) keeps the SAE's reconstruction error; false: x' = dec(z')."""
-    random_draws: Annotated[int, Field(ge=1)] = 3
-    """Seeded random latent sets for the `random` strategy."""
+    null_draws: Annotated[int, Field(ge=1)] = 20
+    """Seeded random latent sets per random strategy: the null distribution a class set's (or
+    the global set's) effect is compared with."""
     accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Headline rule: per class, the alpha with the lowest head usage whose accuracy is at least
     the unsteered accuracy minus this."""
+    select_on: Literal["val", "test"] = "val"
+    """Split on which the headline rule chooses each class's alpha; the headline is always
+    reported on test. `test` chooses and reports on the same images (selection inflates it)."""
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    """Bootstrap resamples (images resampled within each class, seeded by `seed`) for the
+    intervals of the headline and the strategy curves; 0 reports no intervals."""
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    """Coverage of the bootstrap intervals and of the null's central interval."""
     top_classes: Annotated[int, Field(ge=1)] = 5
     """Classes listed in the headline (largest usage reduction first)."""
     head_index_base: Literal[0, 1] = 0
@@ -317,6 +331,12 @@ class Params(Section):
     sae: SaeParams
     stats: StatsParams
     steer: SteerParams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.steer.select_on == "val" and self.data.val_per_class == 0:
+            raise ValueError("steer.select_on 'val' needs a validation split: set data.val_per_class > 0, or select_on 'test'")
+        return self
 
 
 def _type_name(annotation: object) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.gated_vit import ModelConfig
+from pipeline.headline import ClassHeadline
 from pipeline.params import Params
-from pipeline.steering import ClassHeadline
 from pipeline.strategies import STRATEGIES
 
 # What the paper reports (Lee and Har, AAAI 2026 student abstract; ViT-S/16, CIFAR-100).
@@ -27,10 +27,100 @@ def _heads(heads: list[int], names: list[str]) -> str:
 
 
 def _row(c: ClassHeadline, names: list[str]) -> str:
+    beyond = {-1: "below", 0: "no", 1: "above"}[c.beyond_null] if c.null_usage_change else "-"
     return (
         f"| {c.name} | {_pct(c.baseline_accuracy)} / {c.baseline_usage:.2f} ({_heads(c.baseline_heads, names)}) "
-        f"| {_pct(c.accuracy)} / {c.usage:.2f} ({_heads(c.heads, names)}) | {c.alpha:+g} |"
+        f"| {_pct(c.accuracy)} / {c.usage:.2f} ({_heads(c.heads, names)}) | {c.alpha:+g} "
+        f"| {c.usage - c.baseline_usage:+.3f}{_ci(c.usage_change_ci)} | {beyond} |"
     )
+
+
+_SIDE = {-1: "below: fewer heads than random sets", 0: "no", 1: "above: more heads than random sets"}
+
+
+def _ci_pct(bounds: list[float] | tuple[float, float] | None, sign: bool = False) -> str:
+    if bounds is None:
+        return ""
+    fmt = "+.1f" if sign else ".1f"
+    return f" [{100 * bounds[0]:{fmt}}, {100 * bounds[1]:{fmt}}]"
+
+
+def _ci(bounds: list[float] | tuple[float, float] | None) -> str:
+    return "" if bounds is None else f" [{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+
+
+def _headline_method(steer: dict[str, Any], sp: Any) -> list[str]:
+    settings = steer["settings"]
+    images = settings["images"]
+    chosen = ("on the validation split" if settings["select_on"] == "val" else
+              "on the test split itself (`steer.select_on: test`: the selection inflates the reported change)")
+    lines = [
+        "Rule: per class, the alpha with the lowest final-block head usage whose accuracy is at least the",
+        f"unsteered accuracy minus {sp.accuracy_tolerance} (`steer.accuracy_tolerance`), chosen {chosen}",
+        f"({images.get(settings['select_on'], 0)} images) and reported on the test split ({images['test']} images).",
+        "The per-class strategy uses the true class's latent set (an oracle analysis, as in the paper).",
+        "Kept heads: those kept by a majority of the class's test images.",
+    ]
+    if settings["bootstrap"]:
+        lines.append(f"Brackets: {100 * settings['confidence']:.0f}% bootstrap intervals ({settings['bootstrap']} resamples of the "
+                     "test images within each class).")
+    return lines
+
+
+def _headline(steer: dict[str, Any], headline: list[ClassHeadline], head_names: list[str], top: int) -> list[str]:
+    summary = steer["per_class_headline"]
+    tolerance = steer["settings"]["accuracy_tolerance"]
+    n = len(headline)
+    acc_ci, usage_ci = summary["mean_accuracy_change_ci"], summary["mean_usage_change_ci"]
+    has_ci = acc_ci[0] is not None and acc_ci[0] == acc_ci[0]  # not NaN
+    lines = [
+        "| policy | mean usage change | mean accuracy change (points) | classes using fewer heads |",
+        "|---|---|---|---|",
+        f"| class set of the true class (oracle) | {summary['mean_usage_change']:+.3f}{_ci(usage_ci) if has_ci else ''} | "
+        f"{100 * summary['mean_accuracy_change']:+.1f}{_ci_pct(acc_ci, sign=True) if has_ci else ''} | "
+        f"{summary['classes_with_reduction']} of {n} |",
+    ]
+    predicted = steer.get("predicted_class_policy")
+    if predicted:
+        lines.append(
+            f"| class set of the predicted class (deployable) | {predicted['mean_usage_change']:+.3f}"
+            f"{_ci(predicted['mean_usage_change_ci']) if has_ci else ''} | {100 * predicted['mean_accuracy_change']:+.1f}"
+            f"{_ci_pct(predicted['mean_accuracy_change_ci'], sign=True) if has_ci else ''} | {predicted['classes_with_reduction']} of {n} |"
+        )
+    lines.append("")
+    if has_ci:
+        costs = acc_ci[0] < -tolerance
+        lines.append(
+            f"Oracle: usage changes by {summary['mean_usage_change']:+.3f} ({100 * steer['settings']['confidence']:.0f}% interval "
+            f"{usage_ci[0]:+.3f} to {usage_ci[1]:+.3f}); "
+            + (f"the accuracy change's interval reaches {100 * acc_ci[0]:+.1f} points, below the tolerance of "
+               f"{0.0 - 100 * tolerance:+.1f}: this run cannot claim the reduction comes at no accuracy cost."
+               if costs else f"the accuracy change's interval stays at or above {0.0 - 100 * tolerance:+.1f} points: no accuracy cost "
+               "at this confidence.")
+            + f" {summary['classes_with_reduction_ci_below_zero']} of {n} classes have a usage-change interval entirely below zero."
+        )
+        if predicted:
+            lines.append("The deployable policy chooses the latent set and alpha by the unsteered prediction (alphas chosen per "
+                         "predicted class on the selection split): what the label is worth is the gap between the two rows.")
+    null = summary.get("null")
+    if null:
+        expected = (1 - steer["settings"]["confidence"]) / 2 * null["classes"]
+        lines.append(
+            f"Against {steer['settings']['null_draws']} random sets of each class set's size (`random_per_class`, same alpha): "
+            f"{null['classes_below']} of {null['classes']} classes lose more heads than the null's central interval allows and "
+            f"{null['classes_above']} keep more (with no class-specific effect, about {expected:.1f} each way by chance)."
+        )
+    counts = summary["alpha_counts"]
+    lines += [
+        f"Selected alphas: {counts['negative']} negative, {counts['zero']} zero, {counts['positive']} positive.",
+        "",
+        "| class | baseline acc / usage (heads) | steered acc / usage (heads) | alpha | usage change | beyond null |",
+        "|---|---|---|---|---|---|",
+    ]
+    ranked = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))
+    shown = ranked[:top] + [c for c in headline if c.name in PAPER_CLASSES and c not in ranked[:top]]
+    lines += [_row(c, head_names) for c in shown]
+    return lines
 
 
 def render_report(
@@ -46,7 +136,7 @@ def render_report(
     sp, shape = params.steer, config.shape
     paper_scale = shape.embed_dim == 384 and shape.depth == 12 and params.data.source != "synthetic"
     drawn = [s for s in sp.strategies if STRATEGIES[s].uses_draws]
-    draws = f" ({sp.random_draws} {'/'.join(drawn)} draws)" if drawn else ""
+    draws = f" ({sp.null_draws} {'/'.join(drawn)} draws)" if drawn else ""
     lines = [
         "# Steering SAE latents to control dynamic head pruning: run report",
         "",
@@ -81,41 +171,45 @@ def render_report(
         "",
         "## Per-class steering (headline)",
         "",
-        "Rule: per class, the alpha with the lowest final-block head usage whose accuracy is at least the",
-        f"unsteered accuracy minus {sp.accuracy_tolerance} (`steer.accuracy_tolerance`); the per-class strategy",
-        "uses the true class's latent set (an oracle analysis, as in the paper). Kept heads: those kept by",
-        "a majority of the class's test images.",
+        *_headline_method(steer, sp),
         "",
     ]
     if headline:
-        reduction = steer["per_class_headline"]
-        lines += [
-            f"Mean over {len(headline)} classes: usage reduction {reduction['mean_usage_reduction']:.3f}, "
-            f"accuracy change {100 * reduction['mean_accuracy_change']:+.1f} points; "
-            f"{reduction['classes_with_reduction']} classes use fewer heads at their selected alpha.",
-            "",
-            "| class | baseline acc / usage (heads) | steered acc / usage (heads) | alpha |",
-            "|---|---|---|---|",
-        ]
-        ranked = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))
-        lines += [_row(c, head_names) for c in ranked[: sp.top_classes]]
-        named = [c for c in headline if c.name in PAPER_CLASSES and c not in ranked[: sp.top_classes]]
-        lines += [_row(c, head_names) for c in named]
+        lines += _headline(steer, headline, head_names, sp.top_classes)
     else:
         lines.append("(per_class is not among `steer.strategies`: no headline.)")
     base = steer["baseline"]
+    with_ci = any("accuracy_ci" in curve for curve in steer["strategies"].values())
     lines += [
         "",
         "## Strategies (all test images)",
         "",
-        f"Unsteered: accuracy {_pct(base['accuracy'])}, final-block head usage {base['head_usage']:.3f}.",
+        f"Unsteered: accuracy {_pct(base['accuracy'])}, final-block head usage {base['head_usage']:.3f}. "
+        + ("Brackets: bootstrap intervals over test images; a strategy with draws is the mean over its draws "
+           "(the spread over draws is in `metrics/details/steer.json`)." if with_ci else ""),
+        "",
+        *[f"- `{name}`: {STRATEGIES[name].description}" for name in steer["strategies"]],
         "",
         "| strategy | alpha | accuracy | head usage |",
         "|---|---|---|---|",
     ]
     for strategy, curve in steer["strategies"].items():
-        for a, acc, usage in zip(curve["alpha"], curve["accuracy"], curve["head_usage"]):
-            lines.append(f"| {strategy} | {a:+g} | {_pct(acc)} | {usage:.3f} |")
+        for i, (a, acc, usage) in enumerate(zip(curve["alpha"], curve["accuracy"], curve["head_usage"])):
+            acc_ci = _ci_pct(curve["accuracy_ci"][i]) if with_ci else ""
+            usage_ci = f" [{curve['head_usage_ci'][i][0]:.3f}, {curve['head_usage_ci'][i][1]:.3f}]" if with_ci else ""
+            lines.append(f"| {strategy} | {a:+g} | {100 * acc:.1f}%{acc_ci} | {usage:.3f}{usage_ci} |")
+    if "global_null" in steer:
+        lines += [
+            "",
+            f"The global set against {steer['settings']['null_draws']} random sets of its size (`random`), usage change "
+            f"from the unsteered {base['head_usage']:.3f}:",
+            "",
+            "| alpha | global set | random sets' central interval | outside? |",
+            "|---|---|---|---|",
+        ]
+        for a, g in steer["global_null"].items():
+            lines.append(f"| {float(a):+g} | {g['usage_change']:+.3f} | [{g['null_low']:+.3f}, {g['null_high']:+.3f}] | "
+                         f"{_SIDE[g['side']]} |")
     ours = {c.name: c for c in headline}
     lines += [
         "",

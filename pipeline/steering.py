@@ -24,7 +24,7 @@ from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.params import ParamsError
 from pipeline.progress import progress
 from pipeline.sae import SparseAutoencoder
-from pipeline.strategies import STRATEGIES, LatentSets, unknown_strategies
+from pipeline.strategies import STRATEGIES, LatentSets, SteerBatch, unknown_strategies
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class Variant:
     draw: int = 0
 
 
-def steering_mask(sets: LatentSets, variant: Variant, labels: Tensor) -> Tensor:
-    """(B, n_latents) bool mask of the latents `variant` steers for images of these labels."""
-    return STRATEGIES[variant.strategy].mask(sets, labels, variant.draw)
+def steering_mask(sets: LatentSets, variant: Variant, batch: SteerBatch) -> Tensor:
+    """(B, n_latents) bool mask of the latents `variant` steers for these images."""
+    return STRATEGIES[variant.strategy].mask(sets, batch, variant.draw)
 
 
 def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
@@ -54,6 +54,18 @@ def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     rows = [candidates[torch.randperm(len(candidates), generator=gen)[:size]].tolist() for _ in range(draws)]
     return sets_to_mask(rows, len(alive))
+
+
+def random_class_sets(alive: Tensor, sizes: list[int], draws: int, seed: int) -> Tensor:
+    """(draws, C, L) seeded random sets of alive latents, set c of size sizes[c]: the null for
+    the per-class sets (a different stream from `random_sets`: seed + 1)."""
+    candidates = torch.nonzero(alive).flatten()
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = torch.zeros(draws, len(sizes), len(alive), dtype=torch.bool)
+    for d in range(draws):
+        for c, size in enumerate(sizes):
+            out[d, c, candidates[torch.randperm(len(candidates), generator=gen)[:size]]] = True
+    return out
 
 
 def steer_latents(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: Tensor) -> Tensor:
@@ -97,6 +109,18 @@ class Tally:
     count: dict[Variant, Tensor] = field(default_factory=dict)
     correct: dict[Variant, Tensor] = field(default_factory=dict)
     kept: dict[Variant, Tensor] = field(default_factory=dict)
+    image_correct: dict[Variant, list[Tensor]] = field(default_factory=dict)
+    """Per batch, each image's (B,) correctness: what bootstrap intervals and the per-image
+    policies of `pipeline.headline` need."""
+    image_usage: dict[Variant, list[Tensor]] = field(default_factory=dict)
+    """Per batch, each image's (B,) fraction of final-block heads kept."""
+    labels: list[Tensor] = field(default_factory=list)
+    base_predictions: list[Tensor] = field(default_factory=list)
+    """Per batch, the unsteered model's (B,) predictions."""
+
+    def add_batch(self, labels: Tensor, base_predictions: Tensor) -> None:
+        self.labels.append(labels.cpu())
+        self.base_predictions.append(base_predictions.cpu())
 
     def add(self, variant: Variant, labels: Tensor, preds: Tensor, gates: Tensor) -> None:
         if variant not in self.count:
@@ -107,9 +131,29 @@ class Tally:
         self.count[variant] += torch.bincount(labels, minlength=self.n_classes).double()
         self.correct[variant] += torch.bincount(labels, weights=(preds.cpu() == labels).double(), minlength=self.n_classes)
         self.kept[variant].index_add_(0, labels, gates.cpu().double())
+        self.image_correct.setdefault(variant, []).append(preds.cpu() == labels)
+        self.image_usage.setdefault(variant, []).append(gates.cpu().float().mean(-1))
+
+    def image_outcomes(self, strategy: str, draw: int = 0) -> tuple[list[float], Tensor, Tensor]:
+        """A strategy's alphas and its per-image (A, N) correctness and head usage (one draw)."""
+        variants = sorted((v for v in self.image_correct if v.strategy == strategy and v.draw == draw), key=lambda v: v.alpha)
+        correct = torch.stack([torch.cat(self.image_correct[v]) for v in variants])
+        usage = torch.stack([torch.cat(self.image_usage[v]) for v in variants])
+        return [v.alpha for v in variants], correct, usage
+
+    def draws(self, strategy: str) -> list[int]:
+        return sorted({v.draw for v in self.count if v.strategy == strategy})
+
+    @property
+    def all_labels(self) -> Tensor:
+        return torch.cat(self.labels)
+
+    @property
+    def all_base_predictions(self) -> Tensor:
+        return torch.cat(self.base_predictions)
 
 
-def variants_for(strategies: list[str], alphas: list[float], random_draws: int) -> list[Variant]:
+def variants_for(strategies: list[str], alphas: list[float], draws: int) -> list[Variant]:
     """Every (strategy, alpha, draw) to evaluate; alpha 0 is the shared baseline."""
     unknown = unknown_strategies(strategies)
     if unknown:
@@ -118,26 +162,26 @@ def variants_for(strategies: list[str], alphas: list[float], random_draws: int) 
     grid = sorted(set(alphas) | {0.0})
     out = []
     for strategy in strategies:
-        draws = random_draws if STRATEGIES[strategy].uses_draws else 1
-        out += [Variant(strategy, a, d) for a in grid for d in range(draws)]
+        n = draws if STRATEGIES[strategy].uses_draws else 1
+        out += [Variant(strategy, a, d) for a in grid for d in range(n)]
     return out
 
 
 SteerFn = Callable[..., tuple[Tensor, Tensor]]
-"""(model, sae, sets, normalised images, labels, variants, mode, keep_error) -> gates (V, B, H)
+"""(model, sae, sets, normalised images, batch, variants, mode, keep_error) -> gates (V, B, H)
 and predictions (V, B): the signature of a reference steering implementation."""
 
 
 @torch.no_grad()
 def steer_batch(
-    model: GatedViT, sae: SparseAutoencoder, sets: LatentSets, tokens: Tensor, labels: Tensor, variants: list[Variant], mode: str, keep_error: bool
+    model: GatedViT, sae: SparseAutoencoder, sets: LatentSets, tokens: Tensor, batch: SteerBatch, variants: list[Variant], mode: str, keep_error: bool
 ) -> tuple[Tensor, Tensor]:
     """Gates (V, B, H) and predictions (V, B) of all variants, reusing `tokens` (fast path)."""
     x = tokens[:, 0]
     z = sae.encode(x)
     gates = []
     for variant in variants:
-        z_steered = steer_latents(z, steering_mask(sets, variant, labels), variant.alpha, mode, sets.mean_active)
+        z_steered = steer_latents(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
         x_steered = steered_input(x, z, z_steered, sae, keep_error)
         gates.append((model.final_gate_logits(x_steered) > 0).to(tokens.dtype))
     gates_t = torch.stack(gates)
@@ -168,12 +212,17 @@ def run_sweep(
         x = config.preprocess(images[start : start + batch_size].to(device))
         y = labels[start : start + batch_size].to(device)
         if steer_fn is not None:  # a reference implementation from the images (tests, bench/)
-            gates, preds = steer_fn(model, sae, sets, x, y, variants, mode, keep_error)
+            with torch.no_grad():
+                batch = SteerBatch(y, model(x).logits.argmax(-1))
+            gates, preds = steer_fn(model, sae, sets, x, batch, variants, mode, keep_error)
         else:
             with torch.no_grad():
                 tokens = model.forward_to_final(x)
+                own_gates = (model.final_gate_logits(tokens[:, 0]) > 0).to(tokens.dtype)
+                batch = SteerBatch(y, model.forward_final(tokens, own_gates).argmax(-1))
             cls_inputs.append(tokens[:, 0].cpu())
-            gates, preds = steer_batch(model, sae, sets, tokens, y, variants, mode, keep_error)
+            gates, preds = steer_batch(model, sae, sets, tokens, batch, variants, mode, keep_error)
+        tally.add_batch(y, batch.predictions)
         for i, variant in enumerate(variants):
             tally.add(variant, y, preds[i], gates[i])
     return tally, (torch.cat(cls_inputs) if cls_inputs else torch.empty(0))
@@ -225,57 +274,3 @@ def strategy_curves(tally: Tally, strategies: list[str]) -> dict[str, dict[str, 
                 curve[f"{key}_range"].append([min(values), max(values)])
         curves[strategy] = curve
     return curves
-
-
-def kept_heads(keep_rates: list[float]) -> list[int]:
-    """Heads kept by a majority of a class's images."""
-    return [h for h, rate in enumerate(keep_rates) if rate > 0.5]
-
-
-@dataclass
-class ClassHeadline:
-    class_id: int
-    name: str
-    alpha: float
-    baseline_accuracy: float
-    baseline_usage: float
-    baseline_heads: list[int]
-    accuracy: float
-    usage: float
-    heads: list[int]
-    keep_rates: list[float]
-
-    @property
-    def usage_reduction(self) -> float:
-        return self.baseline_usage - self.usage
-
-
-def select_headline(rows: list[dict], n_heads: int, tolerance: float, strategy: str = "per_class") -> list[ClassHeadline]:
-    """Per class: the alpha with the lowest head usage whose accuracy is at least the unsteered
-    accuracy minus `tolerance` (ties: the smaller |alpha|, then the smaller alpha). Alpha 0 always
-    qualifies, so every class gets a selection."""
-    by_class: dict[int, list[dict]] = {}
-    for row in rows:
-        if row["strategy"] == strategy and row["n"] > 0:
-            by_class.setdefault(row["class_id"], []).append(row)
-    out = []
-    for class_id, class_rows in sorted(by_class.items()):
-        base = next(r for r in class_rows if r["alpha"] == 0.0)
-        ok = [r for r in class_rows if r["accuracy"] >= base["accuracy"] - tolerance - 1e-12]
-        best = min(ok, key=lambda r: (r["head_usage"], abs(r["alpha"]), r["alpha"]))
-        keep = [best[f"keep_h{h}"] for h in range(n_heads)]
-        out.append(
-            ClassHeadline(
-                class_id=class_id,
-                name=base["class"],
-                alpha=best["alpha"],
-                baseline_accuracy=base["accuracy"],
-                baseline_usage=base["head_usage"],
-                baseline_heads=kept_heads([base[f"keep_h{h}"] for h in range(n_heads)]),
-                accuracy=best["accuracy"],
-                usage=best["head_usage"],
-                heads=kept_heads(keep),
-                keep_rates=keep,
-            )
-        )
-    return out

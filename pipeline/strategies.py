@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -22,16 +23,28 @@ class LatentSets:
     global_set: Tensor
     """(n_latents,) bool: the top set over all classes."""
     random: Tensor
-    """(draws, n_latents) bool: random sets of the global set's size."""
+    """(draws, n_latents) bool: random sets of alive latents, the global set's size."""
+    random_per_class: Tensor
+    """(draws, C, n_latents) bool: random sets of alive latents, each class set's size."""
     mean_active: Tensor
     """(n_latents,) mean active value of each latent (for mode "add")."""
 
-    def to(self, device) -> LatentSets:
-        return LatentSets(*(t.to(device) for t in (self.per_class, self.global_set, self.random, self.mean_active)))
+    def to(self, device: torch.device | str) -> LatentSets:
+        return LatentSets(*(t.to(device) for t in (self.per_class, self.global_set, self.random, self.random_per_class, self.mean_active)))
 
 
-MaskFn = Callable[[LatentSets, Tensor, int], Tensor]
-"""(sets, (B,) true labels, draw) -> (B, n_latents) bool mask of the latents to steer."""
+@dataclass(frozen=True)
+class SteerBatch:
+    """What a strategy may look at to choose an image's latents."""
+
+    labels: Tensor
+    """(B,) true classes (only an oracle strategy uses them)."""
+    predictions: Tensor
+    """(B,) the unsteered model's predicted classes."""
+
+
+MaskFn = Callable[[LatentSets, SteerBatch, int], Tensor]
+"""(sets, batch, draw) -> (B, n_latents) bool mask of the latents to steer."""
 
 
 @dataclass(frozen=True)
@@ -41,21 +54,29 @@ class Strategy:
     description: str
     """One line for the report: what set is steered and what it needs."""
     uses_draws: bool = False
-    """True: evaluated once per seeded draw (`steer.random_draws`), reported as the mean."""
+    """True: evaluated once per seeded draw (`steer.null_draws`), reported as the mean."""
     colour: str = "black"
     marker: str = "x"
 
 
-def per_class_mask(sets: LatentSets, labels: Tensor, draw: int) -> Tensor:
-    return sets.per_class[labels]
+def per_class_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+    return sets.per_class[batch.labels]
 
 
-def global_mask(sets: LatentSets, labels: Tensor, draw: int) -> Tensor:
-    return sets.global_set.expand(len(labels), -1)
+def per_class_predicted_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+    return sets.per_class[batch.predictions]
 
 
-def random_mask(sets: LatentSets, labels: Tensor, draw: int) -> Tensor:
-    return sets.random[draw].expand(len(labels), -1)
+def global_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+    return sets.global_set.expand(len(batch.labels), -1)
+
+
+def random_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+    return sets.random[draw].expand(len(batch.labels), -1)
+
+
+def random_per_class_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+    return sets.random_per_class[draw][batch.labels]
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -63,9 +84,15 @@ STRATEGIES: dict[str, Strategy] = {
     for s in (
         Strategy("per_class", per_class_mask, "the top set of the image's true class (an oracle: needs the label)",
                  colour="tab:green", marker="o"),
+        Strategy("per_class_predicted", per_class_predicted_mask,
+                 "the top set of the class the unsteered model predicts (deployable: no label needed)",
+                 colour="tab:olive", marker="D"),
         Strategy("global", global_mask, "the top set over all classes, for every image", colour="tab:blue", marker="s"),
-        Strategy("random", random_mask, "seeded random sets of alive latents, the global set's size",
+        Strategy("random", random_mask, "seeded random sets of alive latents, the global set's size (the global set's null)",
                  uses_draws=True, colour="tab:gray", marker="^"),
+        Strategy("random_per_class", random_per_class_mask,
+                 "seeded random sets of alive latents, the size of the image's class set (the per-class null)",
+                 uses_draws=True, colour="tab:pink", marker="v"),
     )
 }
 

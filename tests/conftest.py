@@ -76,6 +76,7 @@ TINY_PARAMS: dict[str, Any] = {
     "data": {
         "source": "synthetic",
         "seed": 0,
+        "val_per_class": 4,
         "synthetic": {"num_classes": 4, "train_per_class": 16, "test_per_class": 8, "image_size": 16, "noise": 0.05},
     },
     "model": {
@@ -91,7 +92,7 @@ TINY_PARAMS: dict[str, Any] = {
     "extract": {"batch_size": 32, "device": "cpu"},
     "sae": {"expansion": 2, "k": 4, "epochs": 2, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
     "stats": {"top_k": 4, "related": 2},
-    "steer": {"alphas": [-1.0, 0.0, 1.0], "random_draws": 1, "batch_size": 32, "top_classes": 2, "device": "cpu"},
+    "steer": {"alphas": [-1.0, 0.0, 1.0], "null_draws": 3, "bootstrap": 50, "batch_size": 32, "top_classes": 2, "device": "cpu"},
 }
 
 

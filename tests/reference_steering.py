@@ -19,14 +19,14 @@ def steer_codes(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: T
 
 
 @torch.no_grad()
-def steer_batch_naive(model, sae, sets, images: Tensor, labels: Tensor, variants, mode: str, keep_error: bool) -> tuple[Tensor, Tensor]:
+def steer_batch_naive(model, sae, sets, images: Tensor, batch, variants, mode: str, keep_error: bool) -> tuple[Tensor, Tensor]:
     """Gates (V, B, H) and predictions (V, B): per variant, the full model from the images."""
     gates, preds = [], []
     for variant in variants:
         tokens = model.forward_to_final(images)
         x = tokens[:, 0]
         z = sae.encode(x)
-        z_steered = steer_codes(z, steering_mask(sets, variant, labels), variant.alpha, mode, sets.mean_active)
+        z_steered = steer_codes(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
         x_steered = x + (sae.decode(z_steered) - sae.decode(z)) if keep_error else sae.decode(z_steered)
         g = (model.final_gate_logits(x_steered) > 0).to(tokens.dtype)
         gates.append(g)

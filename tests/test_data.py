@@ -27,6 +27,18 @@ from pipeline.storage import metadata_dict
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
 
+@pytest.fixture
+def tiny_params(tiny_params):
+    """The tiny params without a validation split: these tests read sources, whose own splits
+    they check image by image (the validation tests below ask for one explicitly)."""
+    from conftest import _merge
+
+    def make(**sections):
+        return tiny_params(**_merge({"data": {"val_per_class": 0}, "steer": {"select_on": "test"}}, sections))
+
+    return make
+
+
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -61,6 +73,53 @@ def test_synthetic_is_deterministic_and_seeded(tmp_path, tiny_params):
     # train and test are different images, not the same draws twice
     train, test = dataset.load_images(a / "train.parquet"), dataset.load_images(a / "test.parquet")
     assert not torch.equal(train.images[: len(test)], test.images)
+
+
+def test_the_validation_split_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.setattr(dataset, "ROW_GROUP_SIZE", 5)  # several row groups, re-chunked
+    data = tiny_params(data={"val_per_class": 3, "synthetic": {"num_classes": 4, "train_per_class": 10}}).data
+    out, again, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (out, again, other):
+        d.mkdir()
+    summary = sources.build_dataset(data, out)
+    train, val = dataset.load_images(out / "train.parquet"), dataset.load_images(out / "val.parquet")
+    assert torch.bincount(val.labels).tolist() == [3] * 4 and torch.bincount(train.labels).tolist() == [7] * 4
+    assert summary["splits"]["val"]["total"] == 12 and summary["splits"]["train"]["total"] == 28
+    # disjoint, and together exactly the source's training split (by source index and pixels)
+    assert not set(train.index.tolist()) & set(val.index.tolist())
+    everything = tmp_path / "all"
+    everything.mkdir()
+    sources.build_dataset(data.model_copy(update={"val_per_class": 0}), everything)
+    full = dataset.load_images(everything / "train.parquet")
+    assert not (everything / "val.parquet").exists()
+    for part in (train, val):
+        for row, index in enumerate(part.index.tolist()):
+            assert torch.equal(part.images[row], full.images[full.index.tolist().index(index)])
+    assert sorted(train.index.tolist() + val.index.tolist()) == sorted(full.index.tolist())
+    assert train.index.tolist() == sorted(train.index.tolist())  # source order kept
+    assert metadata_dict(pq.ParquetFile(out / "val.parquet").schema_arrow)["split"] == "val"
+    assert [pq.ParquetFile(out / "train.parquet").metadata.row_group(i).num_rows for i in range(6)] == [5, 5, 5, 5, 5, 3]
+    # seeded: the same bytes again, another draw with another seed
+    sources.build_dataset(data, again)
+    assert (again / "val.parquet").read_bytes() == (out / "val.parquet").read_bytes()
+    sources.build_dataset(data.model_copy(update={"seed": 5}), other)
+    assert dataset.load_images(other / "val.parquet").index.tolist() != val.index.tolist()
+
+
+def test_a_validation_split_that_would_empty_a_class_is_refused(tmp_path, tiny_params):
+    from pipeline.params import ParamsError
+
+    data = tiny_params(data={"val_per_class": 5, "synthetic": {"train_per_class": 5}}).data
+    with pytest.raises(ParamsError, match="data.val_per_class = 5: class 0 has only 5 training images"):
+        sources.build_dataset(data, tmp_path)
+
+
+def test_selecting_on_validation_needs_a_validation_split(tiny_params):
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match="steer.select_on 'val' needs a validation split"):
+        tiny_params(data={"val_per_class": 0}, steer={"select_on": "val"})
+    assert tiny_params(data={"val_per_class": 0}, steer={"select_on": "test"}).steer.select_on == "test"
 
 
 def test_synthetic_layout_and_metadata(tmp_path, tiny_params):

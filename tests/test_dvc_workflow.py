@@ -231,7 +231,7 @@ def test_dvc_plots_show_draws_each_figure_once_titled_with_labelled_axes(project
     # the series templates colour one line per series, with a legend titled in words
     usage = plots["steer_usage"][0]["content"]
     assert usage["encoding"]["color"]["field"] == "series"
-    assert {row["series"] for row in usage["data"]["values"]} == {"per_class", "global", "random"}
+    assert {row["series"] for row in usage["data"]["values"]} == {"per_class", "per_class_predicted", "global", "random", "random_per_class"}
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def test_recomputed_accuracy_and_usage_match_finetune(workdir):
     assert table.accuracy == pytest.approx(finetune_metrics["test_accuracy"], abs=1e-12)
     assert table.head_usage == pytest.approx(finetune_metrics["head_usage"], abs=1e-12)
     assert extract_metrics["consistent_with_finetune"] is True
-    assert extract_metrics["rows"] == {"train": 64, "test": 32} and extract_metrics["dim"] == 24
+    assert extract_metrics["rows"] == {"train": 48, "val": 16, "test": 32} and extract_metrics["dim"] == 24
 
 
 def test_schema_and_metadata(workdir):
@@ -69,7 +69,7 @@ def test_schema_and_metadata(workdir):
     meta = {k.decode(): json.loads(v) for k, v in schema.metadata.items() if not k.startswith(b"ARROW")}
     assert meta["dim"] == 24 and meta["layer"] == 1 and meta["num_heads"] == 3 and meta["extra_layers"] == [0]
     assert len(meta["class_names"]) == 4 and len(meta["model_hash"]) == 16
-    assert pf.metadata.num_row_groups == 4  # 64 rows in batches of 20
+    assert pf.metadata.num_row_groups == 3  # 48 rows in batches of 20
     assert pf.metadata.row_group(0).column(6).compression == "ZSTD"
 
 

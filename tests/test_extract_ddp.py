@@ -17,7 +17,7 @@ from pipeline.stages.extract import shard_rows
 
 from conftest import TINY_PARAMS, _merge
 
-OUTPUTS = ["data/embeddings/train.parquet", "data/embeddings/test.parquet", "metrics/details/extract.json"]
+OUTPUTS = ["data/embeddings/train.parquet", "data/embeddings/val.parquet", "data/embeddings/test.parquet", "metrics/details/extract.json"]
 
 
 @pytest.mark.parametrize("n, batch_size, world", [(64, 24, 2), (32, 24, 2), (10, 3, 3), (5, 8, 2), (0, 4, 2)])
@@ -40,9 +40,10 @@ def _run(args: list[str], threads: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_process_torchrun_extract_is_byte_identical_to_one_process(in_tmp):
-    # 64 train rows in batches of 24: three batches, the last one partial, ranks owning 2 and 1;
-    # extra layer 0 exercises the optional columns too.
-    raw = _merge(TINY_PARAMS, {"extract": {"batch_size": 24, "layers": [0], "nproc": 2}})
+    # 48 train rows in batches of 20: three batches, the last one partial, ranks owning 2 and 1;
+    # the 16 validation rows are one batch, so rank 1's shard is empty; extra layer 0 exercises
+    # the optional columns too.
+    raw = _merge(TINY_PARAMS, {"extract": {"batch_size": 20, "layers": [0], "nproc": 2}})
     params = parse_params(raw)
     download.run(params)
     finetune.run(params)
@@ -55,7 +56,8 @@ def test_two_process_torchrun_extract_is_byte_identical_to_one_process(in_tmp):
     single = {name: Path(name).read_bytes() for name in OUTPUTS}
 
     result = _run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "extract"], threads="1")
-    assert "rank 1/2 extracted 24 of 64 train rows" in result.stderr
+    assert "rank 1/2 extracted 20 of 48 train rows" in result.stderr
+    assert "rank 1/2 extracted 0 of 16 val rows" in result.stderr
     assert "merged 2 shards per split" in result.stderr
     for name in OUTPUTS:
         assert Path(name).read_bytes() == single[name], f"{name} differs between 1 and 2 processes"

@@ -21,7 +21,9 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     report = (repo / "metrics/report.md").read_text()
     assert "## Per-class steering (headline)" in report and "| class |" in report
     steer = json.loads((repo / "metrics/details/steer.json").read_text())
-    assert set(steer["strategies"]) == {"per_class", "global", "random"}
+    assert set(steer["strategies"]) == {"per_class", "per_class_predicted", "global", "random", "random_per_class"}
+    assert steer["settings"]["select_on"] == "val" and steer["settings"]["images"] == {"val": 16, "test": 32}
+    assert (repo / "data/dataset/val.parquet").exists() and (repo / "data/embeddings/val.parquet").exists()
 
     second = sh(repo, "dvc", "repro")
     assert ran_stages(second) == set() and "up to date" in second

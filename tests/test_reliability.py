@@ -59,6 +59,7 @@ from pipeline.gated_vit import build_gated_vit, model_config
 from pipeline.params import Params, parse_params
 from pipeline.runtime import seed_everything
 from pipeline.stages import download, extract, finetune, latent_stats, steer, train_sae
+from pipeline.strategies import STRATEGIES
 
 from conftest import REPO_ROOT, TINY_PARAMS, _merge, reliability_case
 
@@ -299,7 +300,7 @@ def inconsistent_pair(draw: st.DrawFn) -> BadParams:
         s = draw(st.sampled_from(["per_class", "global", "random"]))
         return _pair("steer", ("strategies",), {"strategies": [s, s]})
     if kind == 6:  # an unknown strategy is a field error on the list element
-        name = draw(KEY_NAME.filter(lambda k: k not in ("per_class", "global", "random")))
+        name = draw(KEY_NAME.filter(lambda k: k not in STRATEGIES))
         return BadParams(f"unknown strategy {name}", mutated(("steer", "strategies"), ["global", name]), ("steer.strategies",))
     if kind == 7:
         return _pair("steer", ("mode", "alphas"), {"mode": "scale", "alphas": [0.0, draw(floats(-1e6, -1.001))]})
@@ -544,7 +545,7 @@ def test_a_corrupt_image_in_an_image_folder_is_named(work: Path) -> None:
         for name, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
             for i in range(2):
                 _png(work / "raw" / split / name / f"{i}.png", colour)
-    write_params("params.yaml", _merge(TINY_PARAMS, {"data": {"source": "imagefolder", "path": "raw"}}))
+    write_params("params.yaml", _merge(TINY_PARAMS, {"data": {"source": "imagefolder", "path": "raw", "val_per_class": 1}}))
     assert runner.invoke(app, ["download"]).exit_code == 0  # the intact folder is fine
     bad = Path("raw/train/dog/1.png")
     bad.write_bytes(bad.read_bytes()[:30])  # a PNG cut off inside its header

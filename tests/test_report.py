@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipeline.gated_vit import ModelConfig, ModelShape
+from pipeline.headline import ClassHeadline
 from pipeline.report import render_report
-from pipeline.steering import ClassHeadline
 
 HEADS = ["h0", "h1", "h2", "h3", "h4", "h5"]
 FINETUNE = {"test_accuracy": 0.372, "head_usage": 0.561, "head_usage_per_block": [1.0, 0.75, 0.561]}
@@ -24,18 +24,31 @@ def headline(class_id: int, name: str, base: tuple[float, float], steered: tuple
     return ClassHeadline(class_id, name, alpha, base[0], base[1], [0, 1, 2, 3], steered[0], steered[1], heads, [0.0] * 6)
 
 
-def steer_metrics(strategies: list[str], with_headline: bool) -> dict:
+def steer_metrics(strategies: list[str], with_headline: bool, acc_ci: tuple[float, float] = (-0.01, 0.02)) -> dict:
     metrics = {
         "baseline": {"accuracy": 0.372, "head_usage": 0.561},
-        "strategies": {s: {"alpha": [-1.0, 0.0, 4.0], "accuracy": [0.36, 0.372, 0.37], "head_usage": [0.6, 0.561, 0.5]} for s in strategies},
+        "strategies": {s: {"alpha": [-1.0, 0.0, 4.0], "accuracy": [0.36, 0.372, 0.37], "head_usage": [0.6, 0.561, 0.5],
+                           "accuracy_ci": [[0.35, 0.37], [0.36, 0.38], [0.36, 0.38]],
+                           "head_usage_ci": [[0.59, 0.61], [0.55, 0.57], [0.49, 0.51]]} for s in strategies},
+        "settings": {"accuracy_tolerance": 0.0, "select_on": "val", "bootstrap": 1000, "confidence": 0.95, "null_draws": 20,
+                     "images": {"val": 150, "test": 300}},
     }
     if with_headline:
-        metrics["per_class_headline"] = {"mean_usage_reduction": 0.054, "mean_accuracy_change": 0.005, "classes_with_reduction": 2}
+        metrics["per_class_headline"] = {
+            "mean_usage_reduction": 0.054, "mean_usage_change": -0.054, "mean_usage_change_ci": [-0.07, -0.04],
+            "mean_accuracy_change": 0.005, "mean_accuracy_change_ci": list(acc_ci), "classes_with_reduction": 2,
+            "classes_with_reduction_ci_below_zero": 1, "alpha_counts": {"negative": 0, "zero": 1, "positive": 2},
+            "null": {"classes_below": 1, "classes_above": 0, "classes": 3},
+        }
+        metrics["predicted_class_policy"] = {
+            "mean_usage_change": -0.03, "mean_usage_change_ci": [-0.05, -0.01], "mean_accuracy_change": -0.01,
+            "mean_accuracy_change_ci": [-0.03, 0.01], "classes_with_reduction": 1,
+        }
     return metrics
 
 
 def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_missing(tiny_params):
-    params = tiny_params(steer={"top_classes": 1, "strategies": ["per_class", "global", "random"], "random_draws": 3})
+    params = tiny_params(steer={"top_classes": 1, "strategies": ["per_class", "global", "random"], "null_draws": 20})
     rows = [
         headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0),
         headline(1, "bowl", (0.11, 0.67), (0.12, 0.60), [2, 5], 4.0),
@@ -47,12 +60,25 @@ def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_
     assert "| overlap global vs class | 0.1641 | 0.4100 (\\|A ∩ B\\| / K), 0.2600 (Jaccard) |" in report
     # the headline table: the top class by usage reduction, then the paper's classes
     table = report.split("## Per-class steering (headline)")[1].split("## Strategies")[0]
-    assert table.index("| apple | 50% / 0.90 (h0, h1, h2, h3) | 50% / 0.20 (h1) | +4 |") < table.index("| bowl |")
+    assert table.index("| apple | 50% / 0.90 (h0, h1, h2, h3) | 50% / 0.20 (h1) | +4 | -0.700 | - |") < table.index("| bowl |")
     assert "| plate |" not in table
-    assert "Mean over 3 classes: usage reduction 0.054, accuracy change +0.5 points; 2 classes use fewer heads" in table
-    assert "strategies per_class, global, random (3 random draws)" in report
-    assert "| random | +4 | 37% | 0.500 |" in report
+    assert "chosen on the validation split\n(150 images) and reported on the test split (300 images)" in report
+    assert "| class set of the true class (oracle) | -0.054 [-0.070, -0.040] | +0.5 [-1.0, +2.0] | 2 of 3 |" in table
+    assert "| class set of the predicted class (deployable) | -0.030 [-0.050, -0.010] | -1.0 [-3.0, +1.0] | 1 of 3 |" in table
+    # the accuracy interval reaches below the tolerance (0): no "no accuracy cost" claim
+    assert "cannot claim the reduction comes at no accuracy cost" in table and "no accuracy cost at this" not in table
+    assert "1 of 3 classes lose more heads than the null's central interval allows" in table
+    assert "strategies per_class, global, random (20 random draws)" in report
+    assert "| random | +4 | 37.0% [36.0, 38.0] | 0.500 [0.490, 0.510] |" in report
     assert "smaller than the paper's" in report and "plots/head_keep_heatmap.png" in report
+
+
+def test_no_accuracy_cost_is_claimed_only_when_the_interval_allows_it(tiny_params):
+    params = tiny_params(steer={"strategies": ["per_class"]})
+    rows = [headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0)]
+    report = render_report(params, config(), STATS, steer_metrics(["per_class"], True, acc_ci=(0.0, 0.02)), rows, HEADS, FINETUNE, SAE)
+    assert "stays at or above +0.0 points: no accuracy cost at this confidence" in report
+    assert "cannot claim" not in report
 
 
 def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_figures(tiny_params):

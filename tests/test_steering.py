@@ -5,21 +5,22 @@ from __future__ import annotations
 import torch
 
 from pipeline.gated_vit import build_gated_vit, model_config
+from pipeline.headline import select_headline
 from pipeline.params import ModelParams
 from pipeline.sae import TopKSAE
 from pipeline.steering import (
     Tally,
     Variant,
     final_block_outcomes,
+    random_class_sets,
     random_sets,
     result_rows,
     run_sweep,
-    select_headline,
     sets_to_mask,
     steer_batch,
     variants_for,
 )
-from pipeline.strategies import LatentSets
+from pipeline.strategies import LatentSets, SteerBatch
 
 from reference_steering import steer_batch_naive
 
@@ -41,10 +42,12 @@ def setup(seed: int = 0):
     per_class = torch.zeros(N_CLASSES, N_LATENTS, dtype=torch.bool)
     for c in range(N_CLASSES):
         per_class[c, torch.randperm(N_LATENTS, generator=gen)[:10]] = True
+    alive = torch.ones(N_LATENTS, dtype=torch.bool)
     sets = LatentSets(
         per_class=per_class,
         global_set=per_class[0].clone(),
-        random=random_sets(torch.ones(N_LATENTS, dtype=torch.bool), 10, 2, seed=0),
+        random=random_sets(alive, 10, 2, seed=0),
+        random_per_class=random_class_sets(alive, [10] * N_CLASSES, 2, seed=0),
         mean_active=torch.rand(N_LATENTS, generator=gen) + 0.5,
     )
     return model, sae, config, images, labels, sets
@@ -61,26 +64,30 @@ def test_alpha_zero_and_empty_set_reproduce_the_unsteered_model():
     with torch.no_grad():
         plain = model(x)
         tokens = model.forward_to_final(x)
-    empty = LatentSets(torch.zeros_like(sets.per_class), torch.zeros_like(sets.global_set), torch.zeros_like(sets.random), sets.mean_active)
+    empty = LatentSets(torch.zeros_like(sets.per_class), torch.zeros_like(sets.global_set), torch.zeros_like(sets.random),
+                       torch.zeros_like(sets.random_per_class), sets.mean_active)
+    batch = SteerBatch(labels, plain.logits.argmax(-1))
     for mode in ("scale", "add"):
         for keep_error in (True,):
             variants = [Variant("per_class", 0.0), Variant("global", 0.0), Variant("random", 0.0, 1)]
-            gates, preds = steer_batch(model, sae, sets, tokens, labels, variants, mode, keep_error)
+            gates, preds = steer_batch(model, sae, sets, tokens, batch, variants, mode, keep_error)
             assert torch.equal(gates, plain.gates[:, -1].expand(3, -1, -1))
             assert torch.equal(preds, plain.logits.argmax(-1).expand(3, -1))
-            gates, preds = steer_batch(model, sae, empty, tokens, labels, [Variant("per_class", 3.0)], mode, keep_error)
+            gates, preds = steer_batch(model, sae, empty, tokens, batch, [Variant("per_class", 3.0)], mode, keep_error)
             assert torch.equal(gates[0], plain.gates[:, -1]) and torch.equal(preds[0], plain.logits.argmax(-1))
 
 
 def test_fast_path_equals_naive_full_model_path():
     model, sae, config, images, labels, sets = setup()
     x = normalised(model, config, images)
-    variants = variants_for(["per_class", "global", "random"], [-1.0, 0.5, 4.0], random_draws=2)
+    variants = variants_for(["per_class", "per_class_predicted", "global", "random", "random_per_class"], [-1.0, 0.5, 4.0], draws=2)
+    with torch.no_grad():
+        batch = SteerBatch(labels, model(x).logits.argmax(-1))
     for mode, keep_error in (("scale", True), ("add", False)):
         with torch.no_grad():
             tokens = model.forward_to_final(x)
-        fast_gates, fast_preds = steer_batch(model, sae, sets, tokens, labels, variants, mode, keep_error)
-        naive_gates, naive_preds = steer_batch_naive(model, sae, sets, x, labels, variants, mode, keep_error)
+        fast_gates, fast_preds = steer_batch(model, sae, sets, tokens, batch, variants, mode, keep_error)
+        naive_gates, naive_preds = steer_batch_naive(model, sae, sets, x, batch, variants, mode, keep_error)
         assert torch.equal(fast_gates, naive_gates)
         assert torch.equal(fast_preds, naive_preds)
         assert fast_gates.float().std() > 0  # the variants really differ
@@ -114,7 +121,7 @@ def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
         per_class = torch.zeros(N_CLASSES, N_LATENTS, dtype=torch.bool)
         for c in range(N_CLASSES):
             per_class[c, freq[c].topk(6).indices] = True
-        sets = LatentSets(per_class, per_class[0], sets.random, sets.mean_active)
+        sets = LatentSets(per_class, per_class[0], sets.random, sets.random_per_class, sets.mean_active)
         u = (sae.W_dec[:, per_class.any(0)]).sum(1)
         u = u / u.norm()
         net = model.decision[-1]
@@ -122,7 +129,7 @@ def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
         proj = cls @ u
         net.bias.copy_(proj.median() + torch.tensor([-0.2, -0.1, 0.1, 0.2]) * proj.std())
     variants = [Variant("per_class", a) for a in (-1.0, -0.5, 0.0, 1.0, 3.0)]
-    gates, _ = steer_batch(model, sae, sets, tokens, labels, variants, "scale", True)
+    gates, _ = steer_batch(model, sae, sets, tokens, SteerBatch(labels, labels), variants, "scale", True)
     usage = gates.mean(dim=(1, 2))
     assert 0.2 < usage[2] < 0.8
     assert usage[0] > usage[2] and usage[1] > usage[2]  # suppression keeps more heads
@@ -132,7 +139,7 @@ def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
 
 def test_sweep_tally_rows_match_direct_computation():
     model, sae, config, images, labels, sets = setup()
-    variants = variants_for(["per_class", "random"], [-1.0, 2.0], random_draws=2)
+    variants = variants_for(["per_class", "random"], [-1.0, 2.0], draws=2)
     tally, cls = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"))
     naive, _ = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"), steer_fn=steer_batch_naive)
     rows = result_rows(tally, config.class_names)
@@ -140,7 +147,9 @@ def test_sweep_tally_rows_match_direct_computation():
     assert len(rows) == len(variants) * N_CLASSES and len(cls) == len(images)
     # recompute one row by hand
     x = normalised(model, config, images)
-    gates, preds = steer_batch_naive(model, sae, sets, x, labels, [Variant("random", 2.0, 1)], "scale", True)
+    with torch.no_grad():
+        batch = SteerBatch(labels, model(x).logits.argmax(-1))
+    gates, preds = steer_batch_naive(model, sae, sets, x, batch, [Variant("random", 2.0, 1)], "scale", True)
     c = 3
     sel = labels == c
     row = next(r for r in rows if r["strategy"] == "random" and r["alpha"] == 2.0 and r["draw"] == 1 and r["class_id"] == c)
@@ -157,10 +166,10 @@ def test_headline_rule_picks_lowest_usage_within_tolerance():
 
     rows = [row(0, 0.0, 0.8, 0.9), row(0, 1.0, 0.8, 0.5), row(0, 2.0, 0.7, 0.1), row(0, -1.0, 0.9, 0.95),
             row(1, 0.0, 0.5, 0.4), row(1, 1.0, 0.4, 0.2)]
-    strict = {c.class_id: c for c in select_headline(rows, 2, tolerance=0.0)}
+    strict = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.0)}
     assert strict[0].alpha == 1.0 and strict[0].usage == 0.5 and strict[0].heads == []
     assert strict[1].alpha == 0.0  # every other alpha loses accuracy
-    loose = {c.class_id: c for c in select_headline(rows, 2, tolerance=0.1)}
+    loose = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.1)}
     assert loose[0].alpha == 2.0 and loose[1].alpha == 1.0
     assert abs(loose[0].usage_reduction - 0.8) < 1e-12
 
@@ -238,14 +247,14 @@ def test_an_unknown_strategy_is_a_params_error_naming_it():
 
     from pipeline.params import ParamsError
 
-    with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, global, random\)"):
+    with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, per_class_predicted, global, random, random_per_class\)"):
         variants_for(["global", "oracle"], [1.0], 1)
 
 
 def test_every_registered_strategy_runs_through_the_sweep_and_the_registry_decides_draws():
     from pipeline.strategies import STRATEGIES
 
-    variants = variants_for(list(STRATEGIES), [1.0], random_draws=2)
+    variants = variants_for(list(STRATEGIES), [1.0], draws=2)
     for name, strategy in STRATEGIES.items():
         draws = {v.draw for v in variants if v.strategy == name}
         assert draws == ({0, 1} if strategy.uses_draws else {0}), name

@@ -20,7 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import SPLITS, SplitSource, default_workers, split_path, write_split
+from pipeline.dataset import (
+    SPLITS,
+    SplitSource,
+    carve_validation,
+    default_workers,
+    split_path,
+    split_summary,
+    write_split,
+)
 from pipeline.errors import PipelineError
 from pipeline.params import DataParams
 
@@ -54,7 +62,8 @@ def open_source(data: DataParams, split: str, workers: int | None = None) -> Spl
 
 
 def build_dataset(data: DataParams, out_dir: Path | str, workers: int | None = None) -> dict[str, Any]:
-    """Write `out_dir/{train,test}.parquet` from `data`; return the summary for metrics/dataset.json.
+    """Write `out_dir/{train,val,test}.parquet` from `data`; return the summary for
+    metrics/dataset.json. The validation split is carved out of the source's training split.
 
     Writes into `out_dir` directly: callers wanting all-or-nothing pass a temporary directory.
     """
@@ -71,6 +80,10 @@ def build_dataset(data: DataParams, out_dir: Path | str, workers: int | None = N
             f"train images are {train['image_size']} (HxW) but test images are {test['image_size']}: "
             "all images of a data set must share one size"
         )
+    if data.val_per_class:
+        carve_validation(split_path(out_dir, "train"), split_path(out_dir, "val"), data.val_per_class, data.seed)
+        for split in ("train", "val"):
+            summary["splits"][split] = split_summary(split_path(out_dir, split))
     summary["num_classes"] = len(summary["class_names"])
     summary["image_size"] = train["image_size"]
     return summary

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.checks import same_classes
-from pipeline.dataset import SPLITS, ImageSet, load_images
+from pipeline.dataset import ImageSet, available_splits, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
 from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
@@ -78,6 +78,8 @@ def run(params: Params) -> None:
         raise ParamsError(f"extract.layers = {ep.layers}: blocks {bad} do not exist (the model has {model.depth})")
     extra = tuple(sorted(set(ep.layers) - {model.depth - 1}))
     model_hash = weights_hash(finetune.MODEL)
+    # train, val when the data set has one, test (a missing train or test file is named when read)
+    splits = ("train", *(("val",) if "val" in available_splits(download.DATASET) else ()), "test")
     metas = {
         split: {
             "model_hash": model_hash,
@@ -88,12 +90,12 @@ def run(params: Params) -> None:
             "split": split,
             "extra_layers": list(extra),
         }
-        for split in SPLITS
+        for split in splits
     }
 
     if dist_info.world == 1:
         with atomic_path(files.EMBEDDINGS, directory=True) as tmp:
-            for split in SPLITS:
+            for split in splits:
                 images = load_split(split, config)
                 extract_split(model, images.images, images.labels, images.index, config, tmp / f"{split}.parquet", metas[split], ep.batch_size, device, extra)
                 log.info("extracted %d %s rows", len(images.labels), split)
@@ -101,7 +103,7 @@ def run(params: Params) -> None:
         extract_sharded(model, config, metas, ep.batch_size, device, extra, dist_info)
 
     if dist_info.is_main:
-        write_metrics(model_hash)
+        write_metrics(model_hash, splits)
     finish_distributed(dist_info)
 
 
@@ -113,7 +115,7 @@ def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_siz
         SHARD_DIR.mkdir(parents=True)
     dist.barrier()
     sizes = {}
-    for split in SPLITS:
+    for split in metas:
         images = load_split(split, config)
         sizes[split] = len(images.labels)
         rows = shard_rows(sizes[split], batch_size, dist_info.rank, dist_info.world)
@@ -124,7 +126,7 @@ def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_siz
     if not dist_info.is_main:
         return
     with atomic_path(files.EMBEDDINGS, directory=True) as tmp:
-        for split in SPLITS:
+        for split in metas:
             schema = embedding_schema(model.vit.embed_dim, model.num_heads, list(extra), metas[split])
             shards = [SHARD_DIR / f"{split}.rank{r}.parquet" for r in range(dist_info.world)]
             merge_shards(shards, tmp / f"{split}.parquet", schema, sizes[split], batch_size)
@@ -132,9 +134,9 @@ def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_siz
     log.info("merged %d shards per split into %s", dist_info.world, files.EMBEDDINGS)
 
 
-def write_metrics(model_hash: str) -> None:
+def write_metrics(model_hash: str, splits: tuple[str, ...]) -> None:
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
-    tables = {split: read_embeddings(files.embeddings_split(split)) for split in SPLITS}
+    tables = {split: read_embeddings(files.embeddings_split(split)) for split in splits}
     test = tables["test"]
     finetune_metrics = read_json(finetune.DETAILS)  # unrounded
     consistent = abs(test.accuracy - finetune_metrics["test_accuracy"]) < 1e-9 and abs(test.head_usage - finetune_metrics["head_usage"]) < 1e-9

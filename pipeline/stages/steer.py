@@ -1,4 +1,10 @@
-"""`steer`: amplify SAE latent sets and measure accuracy and final-block head usage per class."""
+"""`steer`: amplify SAE latent sets and measure accuracy and final-block head usage per class.
+
+Every strategy x alpha (x draw) runs on the test split and, when `steer.select_on` is `val`, on
+the validation split. The headline chooses each class's alpha on the selection split and
+reports it on test, with bootstrap intervals, against the random-set nulls, and beside the
+deployable policy that looks the set and the alpha up by the predicted class.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,16 @@ from pipeline.dataset import load_images
 from pipeline.embeddings import read_embeddings
 from pipeline.errors import PipelineError
 from pipeline.gated_vit import load_gated_vit
+from pipeline.headline import (
+    ClassHeadline,
+    PolicyResult,
+    choose_per_group,
+    class_null,
+    curve_intervals,
+    evaluate_policy,
+    select_headline,
+    side,
+)
 from pipeline.layout import download, extract, finetune, latent_stats, train_sae
 from pipeline.layout import steer as files
 from pipeline.params import Params
@@ -21,23 +37,22 @@ from pipeline.report import render_report
 from pipeline.runtime import pick_device
 from pipeline.sae import load_sae
 from pipeline.steering import (
+    Tally,
     Variant,
     overall,
+    random_class_sets,
     random_sets,
     result_rows,
     run_sweep,
-    select_headline,
     sets_to_mask,
     strategy_curves,
     variants_for,
 )
 from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, rounded, write_json, write_text
 from pipeline.strategies import STRATEGIES, LatentSets
+from pipeline.uncertainty import interval
 
 log = logging.getLogger(__name__)
-
-DATASET_TEST = download.dataset_split("test")
-EMBEDDINGS_TEST = extract.embeddings_split("test")
 
 
 def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int, seed: int) -> LatentSets:
@@ -45,10 +60,13 @@ def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int
     same_width(top_sets.get("n_latents"), latent_stats.TOP_SETS, n_latents, train_sae.SAE_CONFIG, rerun="latent_stats", what="number of latents")
     mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float32)
     global_set = sets_to_mask([top_sets["global"]], n_latents)[0]
+    per_class = sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents)
+    alive = mean_active > 0
     return LatentSets(
-        per_class=sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents),
+        per_class=per_class,
         global_set=global_set,
-        random=random_sets(mean_active > 0, int(global_set.sum()), draws, seed),
+        random=random_sets(alive, int(global_set.sum()), draws, seed),
+        random_per_class=random_class_sets(alive, per_class.sum(1).tolist(), draws, seed),
         mean_active=mean_active,
     )
 
@@ -56,6 +74,7 @@ def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int
 def write_results(rows: list[dict], n_heads: int, path: Path) -> None:
     schema = pa.schema(
         [
+            ("split", pa.string()),
             ("strategy", pa.string()),
             ("alpha", pa.float64()),
             ("draw", pa.int32()),
@@ -72,66 +91,133 @@ def write_results(rows: list[dict], n_heads: int, path: Path) -> None:
         writer.write_table(table, row_group_size=max(len(rows), 1))
 
 
+def sweep_split(split: str, model, sae, sets: LatentSets, config, variants: list[Variant], sp, device) -> Tally:
+    """The sweep on one split, checked against that split's stored embeddings."""
+    images_path, embeddings_path = download.dataset_split(split), extract.embeddings_split(split)
+    images = load_images(images_path)
+    stored = read_embeddings(embeddings_path)
+    same_width(stored.dim, embeddings_path, sae.dim, train_sae.SAE_CONFIG, rerun="extract")
+    same_rows(stored.labels, embeddings_path, images.labels, images_path, rerun="extract")
+    log.info("steering %s: %d variants x %d images", split, len(variants), len(images.labels))
+    tally, cls_inputs = run_sweep(model, sae, sets, images.images, images.labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, device)
+    # The recomputed final-block inputs must be the stored ones (same model, same images).
+    if not torch.allclose(cls_inputs, stored.x, atol=1e-4, rtol=1e-4):
+        raise PipelineError(f"{embeddings_path}: stored x differs from the model's; rerun extract")
+    return tally
+
+
+def policy_json(result: PolicyResult, alphas_by_class: dict[str, float] | None = None) -> dict:
+    out = {
+        "mean_usage_change": result.mean_usage_change,
+        "mean_usage_change_ci": list(result.mean_usage_change_ci),
+        "mean_accuracy_change": result.mean_accuracy_change,
+        "mean_accuracy_change_ci": list(result.mean_accuracy_change_ci),
+        "classes_with_reduction": int((result.usage_change < 0).sum()),
+        "classes_with_reduction_ci_below_zero": int((result.usage_change_ci[1] < 0).sum()),
+    }
+    if alphas_by_class is not None:
+        out["alpha"] = alphas_by_class
+    return out
+
+
 def run(params: Params) -> None:
     sp = params.steer
-    variants = variants_for(sp.strategies, sp.alphas, sp.random_draws)  # unknown strategies: exit 2
+    variants = variants_for(sp.strategies, sp.alphas, sp.null_draws)  # unknown strategies: exit 2
     clean_outputs(*files.WRITES)
     model, config = load_gated_vit(finetune.MODEL)
     sae = load_sae(train_sae.SAE)
     same_width(sae.dim, train_sae.SAE_CONFIG, model.vit.embed_dim, finetune.MODEL_CONFIG, rerun="train_sae")
-    class_names = config.class_names
+    class_names, n_classes, n_heads = config.class_names, len(config.class_names), model.num_heads
     try:
-        sets = load_sets(read_json(latent_stats.TOP_SETS), sae.n_latents, class_names, sp.random_draws, sp.seed)
+        sets = load_sets(read_json(latent_stats.TOP_SETS), sae.n_latents, class_names, sp.null_draws, sp.seed)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited or foreign file
         raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
-    test = load_images(DATASET_TEST)
-    stored = read_embeddings(EMBEDDINGS_TEST)
-    same_width(stored.dim, EMBEDDINGS_TEST, sae.dim, train_sae.SAE_CONFIG, rerun="extract")
-    same_rows(stored.labels, EMBEDDINGS_TEST, test.labels, DATASET_TEST, rerun="extract")
-
     device = pick_device(sp.device)
-    log.info("steering: %d variants x %d test images", len(variants), len(test.labels))
-    tally, cls_inputs = run_sweep(model, sae, sets, test.images, test.labels, config, variants, sp.mode, sp.keep_error, sp.batch_size, device)
-    # The recomputed final-block inputs must be the stored ones (same model, same images).
-    if not torch.allclose(cls_inputs, stored.x, atol=1e-4, rtol=1e-4):
-        raise PipelineError(f"{EMBEDDINGS_TEST}: stored x differs from the model's; rerun extract")
-
-    rows = result_rows(tally, class_names)
+    splits = ["test"] if sp.select_on == "test" else [sp.select_on, "test"]
+    tallies = {split: sweep_split(split, model, sae, sets, config, variants, sp, device) for split in splits}
+    rows = {split: result_rows(tally, class_names) for split, tally in tallies.items()}
     with atomic_path(files.RESULTS_DIR, directory=True) as tmp:
-        write_results(rows, model.num_heads, tmp / "results.parquet")
+        write_results([{"split": split, **row} for split in splits for row in rows[split]], n_heads, tmp / "results.parquet")
 
-    base_acc, base_usage = overall(tally, Variant(sp.strategies[0], 0.0, 0))
-    curves = strategy_curves(tally, sp.strategies)
-    headline = select_headline(rows, model.num_heads, sp.accuracy_tolerance) if "per_class" in sp.strategies else []
+    test, select = tallies["test"], tallies[sp.select_on]
+    labels = test.all_labels
+    base_acc, base_usage = overall(test, Variant(sp.strategies[0], 0.0, 0))
+    curves = strategy_curves(test, sp.strategies)
+    if sp.bootstrap:
+        for strategy, curve in curves.items():
+            outcomes = [test.image_outcomes(strategy, d) for d in test.draws(strategy)]
+            correct = torch.stack([o[1] for o in outcomes])
+            usage = torch.stack([o[2] for o in outcomes])
+            curve.update(curve_intervals(curve["alpha"], correct, usage, labels, n_classes, sp.bootstrap, sp.confidence, sp.seed))
     head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
-    top = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]
     metrics = {
         "baseline": {"accuracy": base_acc, "head_usage": base_usage},
         "strategies": curves,
         "settings": {"mode": sp.mode, "keep_error": sp.keep_error, "accuracy_tolerance": sp.accuracy_tolerance,
-                     "head_index_base": sp.head_index_base, "variants": len(variants)},
+                     "select_on": sp.select_on, "bootstrap": sp.bootstrap, "confidence": sp.confidence,
+                     "null_draws": sp.null_draws, "head_index_base": sp.head_index_base, "variants": len(variants),
+                     "images": {split: int(t.all_labels.numel()) for split, t in tallies.items()}},
     }
-    if headline:
-        metrics["per_class_headline"] = {
-            "mean_usage_reduction": sum(c.usage_reduction for c in headline) / len(headline),
-            "mean_accuracy_change": sum(c.accuracy - c.baseline_accuracy for c in headline) / len(headline),
-            "classes_with_reduction": sum(c.usage_reduction > 0 for c in headline),
-            "top": [
-                {
-                    "class": c.name, "alpha": c.alpha,
-                    "baseline_accuracy": c.baseline_accuracy, "baseline_usage": c.baseline_usage,
-                    "accuracy": c.accuracy, "usage": c.usage,
-                    "heads": [head_name(h) for h in c.heads],
-                }
-                for c in top
-            ],
-        }
+
+    headline: list[ClassHeadline] = []
+    if "per_class" in sp.strategies:
+        headline = select_headline(rows[sp.select_on], rows["test"], n_heads, sp.accuracy_tolerance)
+        alphas, correct, usage = test.image_outcomes("per_class")
+        chosen = torch.tensor([alphas.index(c.alpha) for c in headline])  # headline: one entry per class with images
+        by_class = torch.zeros(n_classes, dtype=torch.long).fill_(alphas.index(0.0))
+        by_class[torch.tensor([c.class_id for c in headline])] = chosen
+        oracle = evaluate_policy(correct, usage, by_class[labels], labels, n_classes, alphas, sp.bootstrap, sp.confidence, sp.seed)
+        nulls = class_null(rows["test"], "per_class", "random_per_class", sp.confidence) if "random_per_class" in sp.strategies else {}
+        for c in headline:
+            if sp.bootstrap:
+                c.accuracy_change_ci = (float(oracle.accuracy_change_ci[0][c.class_id]), float(oracle.accuracy_change_ci[1][c.class_id]))
+                c.usage_change_ci = (float(oracle.usage_change_ci[0][c.class_id]), float(oracle.usage_change_ci[1][c.class_id]))
+            if c.class_id in nulls:
+                effect, low, high = nulls[c.class_id][c.alpha]
+                c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
+        summary = policy_json(oracle, {c.name: c.alpha for c in headline})
+        summary.update(
+            mean_usage_reduction=sum(c.usage_reduction for c in headline) / len(headline),
+            selected_on=sp.select_on,
+            alpha_counts={"negative": sum(c.alpha < 0 for c in headline), "zero": sum(c.alpha == 0 for c in headline),
+                          "positive": sum(c.alpha > 0 for c in headline)},
+            top=[{"class": c.name, "alpha": c.alpha, "baseline_accuracy": c.baseline_accuracy, "baseline_usage": c.baseline_usage,
+                  "accuracy": c.accuracy, "usage": c.usage, "heads": [head_name(h) for h in c.heads],
+                  "usage_change_ci": c.usage_change_ci, "accuracy_change_ci": c.accuracy_change_ci, "beyond_null": c.beyond_null}
+                 for c in sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]],
+        )
+        if nulls:
+            summary["null"] = {
+                "classes_below": sum(c.beyond_null < 0 for c in headline),
+                "classes_above": sum(c.beyond_null > 0 for c in headline),
+                "classes": len(headline),
+                "per_alpha": {
+                    str(a): {"below": sum(side(*nulls[k][a]) < 0 for k in nulls), "above": sum(side(*nulls[k][a]) > 0 for k in nulls)}
+                    for a in alphas
+                },
+            }
+        metrics["per_class_headline"] = summary
+        if "per_class_predicted" in sp.strategies:
+            s_alphas, s_correct, s_usage = select.image_outcomes("per_class_predicted")
+            by_prediction = choose_per_group(s_correct, s_usage, select.all_base_predictions, n_classes, s_alphas, sp.accuracy_tolerance)
+            p_alphas, p_correct, p_usage = test.image_outcomes("per_class_predicted")
+            predicted = evaluate_policy(p_correct, p_usage, by_prediction[test.all_base_predictions], labels, n_classes,
+                                        p_alphas, sp.bootstrap, sp.confidence, sp.seed)
+            metrics["predicted_class_policy"] = policy_json(predicted, {name: p_alphas[int(i)] for name, i in zip(class_names, by_prediction)})
+    if "global" in sp.strategies and "random" in sp.strategies:
+        global_null = {}
+        for i, a in enumerate(curves["global"]["alpha"]):
+            effect = curves["global"]["head_usage"][i] - base_usage
+            null_effects = torch.tensor([overall(test, Variant("random", a, d))[1] - base_usage for d in test.draws("random")])
+            low, high = (float(v) for v in interval(null_effects, sp.confidence))
+            global_null[str(a)] = {"usage_change": effect, "null_low": low, "null_high": high, "side": side(effect, low, high)}
+        metrics["global_null"] = global_null
     write_json(files.DETAILS, metrics)
     if headline:
         summary = metrics["per_class_headline"]
         # short names keep `dvc exp show` legible at 120 columns (docs/EXPERIMENTS.md explains them)
         write_json(files.METRICS, rounded({
-            "usage_drop": summary["mean_usage_reduction"],
+            "usage_drop": 0.0 - summary["mean_usage_change"],
             "acc_change": summary["mean_accuracy_change"],
             "fewer_heads": summary["classes_with_reduction"],
         }))
@@ -150,9 +236,9 @@ def run(params: Params) -> None:
                [{"class": c.name, "baseline_usage": c.baseline_usage, "steered_usage": c.usage, "alpha": c.alpha} for c in headline])
     styles = {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}
     plots.steering_curves(curves, styles, files.CURVES_PNG)
-    heads = [head_name(h) for h in range(model.num_heads)]
+    heads = [head_name(h) for h in range(n_heads)]
     if headline:
-        baseline_keep = [[r[f"keep_h{h}"] for h in range(model.num_heads)] for r in rows if r["strategy"] == "per_class" and r["alpha"] == 0.0]
+        baseline_keep = [[r[f"keep_h{h}"] for h in range(n_heads)] for r in rows["test"] if r["strategy"] == "per_class" and r["alpha"] == 0.0]
         plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, files.CLASS_USAGE_PNG)
     report = render_report(params, config, read_json(latent_stats.DETAILS), metrics, headline, heads,
