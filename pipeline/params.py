@@ -133,6 +133,19 @@ class AugmentParams(Section):
     """Random crop after zero-padding every side by this many pixels (0 disables)."""
     hflip: bool = True
     """Random horizontal flip with probability 0.5."""
+    policy: Literal["none", "trivialaugment", "randaugment"] = "none"
+    """A per-image policy of torchvision's v2 transforms after crop and flip: TrivialAugment
+    (one random op of random strength) or RandAugment (`randaugment_ops` ops at
+    `randaugment_magnitude`); what from-scratch ViTs on small data sets need."""
+    randaugment_ops: Annotated[int, Field(ge=1, le=8)] = 2
+    """RandAugment: operations per image."""
+    randaugment_magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+    """RandAugment: strength of every operation (of 31 bins)."""
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.0
+    """MixUp: Beta(alpha, alpha) mixing of a batch with its reversal, labels mixed alike (0 off)."""
+    cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0
+    """CutMix: a Beta(alpha, alpha)-sized box pasted from the reversed batch (0 off). With
+    both on, each batch uses one of the two at random (as timm does)."""
 
 
 class FinetuneParams(Section):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,7 +49,50 @@ def augment(images: Tensor, params: AugmentParams, generator: torch.Generator) -
     if params.hflip:
         flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if params.policy != "none":
+        images = apply_policy(images, params, generator)
     return images
+
+
+def apply_policy(images: Tensor, params: AugmentParams, generator: torch.Generator) -> Tensor:
+    """TrivialAugment or RandAugment, one independent draw per image (uint8 in, uint8 out).
+
+    torchvision samples its ops from torch's global RNG: it runs inside a forked RNG seeded
+    from `generator`, so the run stays deterministic, resumable (the generator is checkpointed)
+    and the training gates' Gumbel noise stream is untouched."""
+    from torchvision.transforms import v2
+
+    policy = (v2.TrivialAugmentWide() if params.policy == "trivialaugment"
+              else v2.RandAugment(num_ops=params.randaugment_ops, magnitude=params.randaugment_magnitude))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(image) for image in images])
+
+
+def mix(x: Tensor, labels: Tensor, num_classes: int, params: AugmentParams, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """MixUp or CutMix of a normalised batch with its own reversal: (images, soft targets), or
+    (x, None) when both are off. Under torchrun each process mixes its own share of the batch."""
+    kinds = [(kind, alpha) for kind, alpha in (("mixup", params.mixup_alpha), ("cutmix", params.cutmix_alpha)) if alpha > 0]
+    if not kinds:
+        return x, None
+    kind, alpha = kinds[int(torch.randint(len(kinds), (1,), generator=generator))]
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator))).beta(alpha, alpha))
+    partner = x.flip(0)
+    if kind == "mixup":
+        mixed = lam * x + (1 - lam) * partner
+    else:  # a box of area (1 - lam) H W pasted from the partner; lam corrected for clipping
+        h, w = x.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy = int(torch.randint(0, h, (1,), generator=generator))
+        cx = int(torch.randint(0, w, (1,), generator=generator))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        mixed = x.clone()
+        mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
+    targets = F.one_hot(labels, num_classes).to(x.dtype)
+    return mixed, lam * targets + (1 - lam) * targets.flip(0)
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -242,9 +286,11 @@ def train(
             idx_rank = slice(dist_info.rank * per_rank, (dist_info.rank + 1) * per_rank)
             x = config.preprocess(aug[idx_rank].to(device, non_blocking=True))
             y = train_labels[idx][idx_rank].to(device, non_blocking=True)
+            x, soft_targets = mix(x, y, config.num_classes, params.augment, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = ddp_model(x)
-                ce = F.cross_entropy(out.logits.float(), y, label_smoothing=params.label_smoothing)
+                target = y if soft_targets is None else soft_targets
+                ce = F.cross_entropy(out.logits.float(), target, label_smoothing=params.label_smoothing)
                 loss = ce + params.head_weight * usage_loss(out.gates.float(), params.head_target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -99,7 +99,7 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
 def test_the_cpu_and_paper_configurations_exist_beside_the_demo_params():
-    assert {p.stem for p in CONFIGS} >= {"cifar100-cpu", "paper"}
+    assert {p.stem for p in CONFIGS} >= {"cifar100-cpu", "cifar100-gpu", "paper"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
