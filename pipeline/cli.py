@@ -122,3 +122,25 @@ def latent_stats(params: Path = ParamsOption, debug: bool = DebugOption) -> None
 def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Amplify latent sets, measure accuracy and head usage; writes the report."""
     _run_stage("steer", params, debug)
+
+
+PatternOption = typer.Option(..., "--pattern", help="Regular expression on experiment names, e.g. '^demo-seed-'.")
+SummaryDirOption = typer.Option(Path("metrics/summary"), "--out", help="Directory for summary.md, summary.json, summary.png.")
+
+
+@app.command()
+def summarize(pattern: str = PatternOption, out: Path = SummaryDirOption, debug: bool = DebugOption) -> None:
+    """Across finished DVC experiments: spread of the headline numbers and sign agreement."""
+    _setup_logging()
+    from pipeline.summary import collect, write_summary
+    from pipeline.summary import summarize as summarize_runs
+
+    try:
+        runs = collect(pattern)
+        summary = summarize_runs(runs)
+        write_summary(summary, runs, out)
+    except PipelineError as exc:
+        if debug:
+            raise
+        _fail(str(exc), 1)
+    typer.echo(f"{len(runs)} runs summarised in {out}/summary.md")

@@ -172,3 +172,24 @@ def usage_scatter(baseline: object, steered: object, class_names: Sequence[str],
         ax.set_ylabel("head usage, per-class steering (headline alpha)")
         ax.set_title("per-class final-block head usage")
         save_figure(fig, path)
+
+
+def runs_usage_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path: Path | str) -> None:
+    """Final-block head usage vs alpha, one panel per strategy, one line per run
+    (`curves[run][strategy]` holds lists `alpha` and `head_usage`): how far runs agree."""
+    strategies = sorted({s for run in curves.values() for s in run})
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(3.2 * max(len(strategies), 1), 3.4)
+        axes = np.atleast_1d(fig.subplots(1, max(len(strategies), 1), sharey=True))
+        for ax, strategy in zip(axes, strategies):
+            for run, by_strategy in sorted(curves.items()):
+                if strategy in by_strategy:
+                    curve = by_strategy[strategy]
+                    ax.plot(curve["alpha"], curve["head_usage"], marker="o", markersize=3, linewidth=1, label=run)
+            ax.axvline(0.0, color="black", linewidth=0.6, linestyle=":")
+            ax.set_title(strategy)
+            ax.set_xlabel("steering strength alpha")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("final-block head usage")
+        axes[-1].legend(fontsize=6)
+        save_figure(fig, path)

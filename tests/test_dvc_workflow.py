@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from pipeline.params import parse_params
+from pipeline.strategies import STRATEGIES
 
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
@@ -508,6 +509,26 @@ def test_the_documented_sweep_runs_every_value_through_the_queue(project):
     assert sorted(row["params"]["sae.k"] for row in runs) == [2, 8]
     for row in runs:  # each experiment's own SAE: exactly k latents active per sample
         assert row["metrics"]["metrics/sae.json:l0"] == row["params"]["sae.k"]
+
+
+@pytest.mark.slow
+def test_a_queued_seed_sweep_runs_and_summarizes(project):
+    """The documented seed sweep (docs/EXPERIMENTS.md, section 3) at tiny scale, then
+    `pipeline summarize` over its runs."""
+    repo = project.repo
+    with queue_workers_stopped(repo):
+        queued = sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed", "-S", "finetune.seed=1,2")
+        assert queued.count("Queued experiment") == 2
+        sh(repo, "dvc", "queue", "start")
+        status = _wait_for_queue(repo, timeout=480)
+    assert status.count("Success") == 2, status
+    out = sh(repo, "pipeline", "summarize", "--pattern", "^seed-", "--out", "summary")
+    assert "2 runs summarised" in out
+    summary = json.loads((repo / "summary/summary.json").read_text())
+    assert summary["runs"] == ["seed-1", "seed-2"]
+    assert summary["headline"]["l0"]["mean"] == TINY_PARAMS["sae"]["k"] and summary["headline"]["l0"]["std"] == 0
+    assert set(summary["strategies"]) == set(STRATEGIES) and all(e["runs"] == 2 for e in summary["strategies"].values())
+    assert (repo / "summary/summary.png").exists() and "| strategy | alpha |" in (repo / "summary/summary.md").read_text()
 
 
 # ------------------------------------------------------------------------- determinism

@@ -177,6 +177,7 @@ def run(params: Params) -> None:
                 c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
         summary = policy_json(oracle, {c.name: c.alpha for c in headline})
         summary.update(
+            usage_change={c.name: c.usage - c.baseline_usage for c in headline},
             mean_usage_reduction=sum(c.usage_reduction for c in headline) / len(headline),
             selected_on=sp.select_on,
             alpha_counts={"negative": sum(c.alpha < 0 for c in headline), "zero": sum(c.alpha == 0 for c in headline),
