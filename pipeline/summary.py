@@ -40,11 +40,12 @@ class RunRecord:
     steer: dict[str, Any] = field(default_factory=dict)
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys (`{"a": {"b": 1}}` -> `{"a.b": 1}`)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -74,8 +75,8 @@ def collect(pattern: str, repo: Path = Path(".")) -> list[RunRecord]:
                 data = rev.get("data") or {}
                 if not regex.search(name) or not data.get("metrics"):
                     continue
-                params = {k: v for f in (data.get("params") or {}).values() for k, v in _flat(f.get("data") or {}).items()}
-                metrics = {k: v for f in data["metrics"].values() for k, v in _flat(f.get("data") or {}).items()}
+                params = {k: v for f in (data.get("params") or {}).values() for k, v in flatten(f.get("data") or {}).items()}
+                metrics = {k: v for f in data["metrics"].values() for k, v in flatten(f.get("data") or {}).items()}
                 runs.append(RunRecord(name, params, metrics, _git_json(rev.get("rev", ""), STEER_DETAILS, repo)))
     return sorted(runs, key=lambda r: r.name)
 

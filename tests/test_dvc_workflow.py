@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.params import parse_params
 from pipeline.strategies import STRATEGIES
+from pipeline.summary import flatten
 
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
@@ -56,14 +57,7 @@ def cached_outs(repo: Path) -> list[str]:
     return outs
 
 
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+flat = flatten  # nested params and metrics as dotted keys
 
 
 @dataclass
