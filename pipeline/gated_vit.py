@@ -164,6 +164,34 @@ class GatedViT(nn.Module):
         return self.head(x)
 
 
+# ------------------------------------------------------------------- computing only kept heads
+def attention_of_heads(attn: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
+    """A timm `Attention`'s eval output when only `heads` (1-D indices) are kept, computing only
+    them: their rows of `qkv` and their columns of `proj` (the projection bias stays, as in the
+    masked path). Equal to the masked path with those gates, up to float rounding."""
+    if getattr(attn, "gate", None) is not None or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        raise PipelineError("computing kept heads only needs timm attention without a gate or a norm over all heads")
+    b, n, _ = x.shape
+    d = attn.head_dim
+    rows = (heads.to(x.device)[:, None] * d + torch.arange(d, device=x.device)).flatten()
+    if rows.numel() == 0:  # no head kept: only the projection's bias reaches the stream
+        out = x.new_zeros(b, n, attn.proj.out_features)
+        return out if attn.proj.bias is None else out + attn.proj.bias
+    width = attn.num_heads * d
+    qkv_rows = torch.cat([rows, rows + width, rows + 2 * width])
+    qkv_bias = attn.qkv.bias[qkv_rows] if attn.qkv.bias is not None else None
+    qkv = F.linear(x, attn.qkv.weight[qkv_rows], qkv_bias).reshape(b, n, 3, len(heads), d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
+    return F.linear(out.transpose(1, 2).reshape(b, n, rows.numel()), attn.proj.weight[:, rows], attn.proj.bias)
+
+
+def run_block_with_heads(block: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
+    """A timm `Block` (eval) whose attention computes only `heads`."""
+    x = x + block.drop_path1(block.ls1(attention_of_heads(block.attn, block.norm1(x), heads)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
 # ---------------------------------------------------------------------------------- building
 @dataclass(frozen=True)
 class ModelShape:

@@ -49,6 +49,16 @@ def _ci(bounds: list[float] | tuple[float, float] | None) -> str:
     return "" if bounds is None else f" [{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
+def _compute_line(finetune: dict[str, Any], steer: dict[str, Any]) -> list[str]:
+    if "gflops" not in finetune:
+        return []
+    final_attention = steer.get("flops", {}).get("final_block_attention_gflops_dense")
+    share = f"; the final block's attention is {100 * final_attention / finetune['gflops_dense']:.1f}% of the dense model" if final_attention else ""
+    return [f"- Compute, matmul FLOPs per test image from the gates (`pipeline.flops`): {finetune['gflops']:.4g} GFLOPs, "
+            f"{100 * finetune['gflops_fraction']:.0f}% of the dense model's {finetune['gflops_dense']:.4g}{share}. "
+            "(The masked path computes every head: these are what a head-skipping path would spend.)"]
+
+
 def _headline_method(steer: dict[str, Any], sp: Any) -> list[str]:
     settings = steer["settings"]
     images = settings["images"]
@@ -99,6 +109,10 @@ def _headline(steer: dict[str, Any], headline: list[ClassHeadline], head_names: 
                "at this confidence.")
             + f" {summary['classes_with_reduction_ci_below_zero']} of {n} classes have a usage-change interval entirely below zero."
         )
+    if "mean_gflops_change" in summary and "flops" in steer:
+        unsteered = steer["flops"]["gflops_unsteered"]
+        lines.append(f"In compute: {summary['mean_gflops_change']:+.4g} GFLOPs per image, {100 * summary['mean_gflops_change'] / unsteered:+.1f}% "
+                     f"of the unsteered model's {unsteered:.4g} (only the final block's attention changes).")
         if predicted:
             lines.append("The deployable policy chooses the latent set and alpha by the unsteered prediction (alphas chosen per "
                          "predicted class on the selection split): what the label is worth is the gap between the two rows.")
@@ -165,6 +179,7 @@ def render_report(
         f"per block {', '.join(f'{u:.2f}' for u in finetune['head_usage_per_block'])}.",
         f"- SAE on the test split: FVU {sae['test']['fvu']:.4f}, MSE {sae['test']['mse']:.4g}, L0 {sae['test']['l0']:.1f}, "
         f"dead fraction {sae['test']['dead_fraction']:.3f} (paper: MSE {PAPER_SAE_MSE}, definition not given).",
+        *_compute_line(finetune, steer),
         f"- Latent overlap between the global top set and each class's (mean over classes): "
         f"|A ∩ B| / K = {stats['overlap_global_vs_class']:.4f}, Jaccard = {stats['jaccard_global_vs_class']:.4f} "
         f"(paper: {PAPER_OVERLAP}, formula not given). Alive latents: {stats['alive_latents']}.",
@@ -190,14 +205,15 @@ def render_report(
         "",
         *[f"- `{name}`: {STRATEGIES[name].description}" for name in steer["strategies"]],
         "",
-        "| strategy | alpha | accuracy | head usage |",
-        "|---|---|---|---|",
+        "| strategy | alpha | accuracy | head usage | GFLOPs per image |",
+        "|---|---|---|---|---|",
     ]
     for strategy, curve in steer["strategies"].items():
         for i, (a, acc, usage) in enumerate(zip(curve["alpha"], curve["accuracy"], curve["head_usage"])):
             acc_ci = _ci_pct(curve["accuracy_ci"][i]) if with_ci else ""
             usage_ci = f" [{curve['head_usage_ci'][i][0]:.3f}, {curve['head_usage_ci'][i][1]:.3f}]" if with_ci else ""
-            lines.append(f"| {strategy} | {a:+g} | {100 * acc:.1f}%{acc_ci} | {usage:.3f}{usage_ci} |")
+            gflops = f"{curve['gflops'][i]:.4g}" if "gflops" in curve else "-"
+            lines.append(f"| {strategy} | {a:+g} | {100 * acc:.1f}%{acc_ci} | {usage:.3f}{usage_ci} | {gflops} |")
     if "global_null" in steer:
         lines += [
             "",

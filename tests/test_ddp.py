@@ -38,7 +38,7 @@ def test_two_process_torchrun_finetune_writes_the_same_kind_of_outputs(in_tmp):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
-    assert set(json.loads(Path("metrics/finetune.json").read_text())) == {"test_accuracy", "head_usage"}
+    assert set(json.loads(Path("metrics/finetune.json").read_text())) == {"test_accuracy", "head_usage", "gflops"}
     metrics = json.loads(Path("metrics/details/finetune.json").read_text())
     assert {"test_accuracy", "head_usage", "head_usage_per_block"} <= set(metrics)
     assert len(metrics["head_usage_per_block"]) == 2

@@ -139,6 +139,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
     for column in [
         "metrics/finetune.json:test_accuracy",
         "metrics/finetune.json:head_usage",
+        "metrics/finetune.json:gflops",
         "metrics/sae.json:fvu",
         "metrics/sae.json:l0",
         "metrics/sae.json:dead_fraction",
@@ -151,7 +152,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
     assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
-    assert len(metrics) == 10, sorted(metrics)
+    assert len(metrics) == 11, sorted(metrics)
     commit(repo, "alt applied")
 
 

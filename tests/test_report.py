@@ -69,7 +69,7 @@ def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_
     assert "cannot claim the reduction comes at no accuracy cost" in table and "no accuracy cost at this" not in table
     assert "1 of 3 classes lose more heads than the null's central interval allows" in table
     assert "strategies per_class, global, random (20 random draws)" in report
-    assert "| random | +4 | 37.0% [36.0, 38.0] | 0.500 [0.490, 0.510] |" in report
+    assert "| random | +4 | 37.0% [36.0, 38.0] | 0.500 [0.490, 0.510] | - |" in report
     assert "smaller than the paper's" in report and "plots/head_keep_heatmap.png" in report
 
 
@@ -79,6 +79,21 @@ def test_no_accuracy_cost_is_claimed_only_when_the_interval_allows_it(tiny_param
     report = render_report(params, config(), STATS, steer_metrics(["per_class"], True, acc_ci=(0.0, 0.02)), rows, HEADS, FINETUNE, SAE)
     assert "stays at or above +0.0 points: no accuracy cost at this confidence" in report
     assert "cannot claim" not in report
+
+
+def test_compute_is_reported_from_the_gates_when_it_exists(tiny_params):
+    params = tiny_params(steer={"strategies": ["per_class"]})
+    finetune = {**FINETUNE, "gflops": 0.05, "gflops_dense": 0.08, "gflops_fraction": 0.625}
+    steer = steer_metrics(["per_class"], True)
+    steer["flops"] = {"gflops_dense": 0.08, "gflops_unsteered": 0.05, "final_block_attention_gflops_dense": 0.004}
+    steer["per_class_headline"]["mean_gflops_change"] = -0.001
+    for curve in steer["strategies"].values():
+        curve["gflops"] = [0.051, 0.05, 0.049]
+    rows = [headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0)]
+    report = render_report(params, config(), STATS, steer, rows, HEADS, finetune, SAE)
+    assert "0.05 GFLOPs, 62% of the dense model's 0.08; the final block's attention is 5.0% of the dense model" in report
+    assert "In compute: -0.001 GFLOPs per image, -2.0% of the unsteered model's 0.05" in report
+    assert "| per_class | +4 | 37.0% [36.0, 38.0] | 0.500 [0.490, 0.510] | 0.049 |" in report
 
 
 def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_figures(tiny_params):

@@ -11,6 +11,7 @@ import logging
 import time
 
 from pipeline.dataset import load_images
+from pipeline.flops import flop_model
 from pipeline.gated_vit import build_gated_vit, model_config, save_gated_vit
 from pipeline.layout import download
 from pipeline.layout import finetune as files
@@ -68,7 +69,15 @@ def run(params: Params) -> None:
         final = evaluate(model, test_set.images, test_set.labels, config, device, batch_size=256)
         save_gated_vit(files.MODEL, model.cpu(), config)
         write_curves(history, config.keep_layers)
-        write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage}))
-        write_json(files.DETAILS, {**final.summary(), "epochs": fp.epochs, "num_classes": len(class_names)})
+        flops = flop_model(model)
+        gflops = flops.from_usage(final.head_usage_per_block) / 1e9
+        write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage, "gflops": gflops}))
+        write_json(files.DETAILS, {
+            **final.summary(), "epochs": fp.epochs, "num_classes": len(class_names),
+            # matmul GFLOPs per test image from the gates (pipeline.flops), and what the masked
+            # path computes for every image (all heads)
+            "gflops": gflops, "gflops_dense": flops.dense / 1e9, "gflops_fraction": gflops * 1e9 / flops.dense,
+            "gflops_per_head": [c / 1e9 for c in flops.per_head], "gflops_fixed": flops.fixed / 1e9,
+        })
         log.info("test accuracy %.4f, final-block head usage %.3f", final.accuracy, final.head_usage)
     finish_distributed(dist_info)

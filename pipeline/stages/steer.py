@@ -19,6 +19,7 @@ from pipeline.checks import same_classes, same_rows, same_width
 from pipeline.dataset import load_images
 from pipeline.embeddings import read_embeddings
 from pipeline.errors import PipelineError
+from pipeline.flops import flop_model
 from pipeline.gated_vit import load_gated_vit
 from pipeline.headline import (
     ClassHeadline,
@@ -149,10 +150,17 @@ def run(params: Params) -> None:
             correct = torch.stack([o[1] for o in outcomes])
             usage = torch.stack([o[2] for o in outcomes])
             curve.update(curve_intervals(curve["alpha"], correct, usage, labels, n_classes, sp.bootstrap, sp.confidence, sp.seed))
+    # FLOPs: blocks before the final one keep their measured usage (finetune's, test split)
+    flops, usage_per_block = flop_model(model), read_json(finetune.DETAILS)["head_usage_per_block"]
+    gflops = lambda final_usage: flops.from_usage([*usage_per_block[:-1], final_usage]) / 1e9  # noqa: E731
+    for curve in curves.values():
+        curve["gflops"] = [gflops(u) for u in curve["head_usage"]]
     head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
     metrics = {
         "baseline": {"accuracy": base_acc, "head_usage": base_usage},
         "strategies": curves,
+        "flops": {"gflops_dense": flops.dense / 1e9, "gflops_unsteered": gflops(base_usage),
+                  "final_block_attention_gflops_dense": flops.per_head[-1] * n_heads / 1e9},
         "settings": {"mode": sp.mode, "keep_error": sp.keep_error, "accuracy_tolerance": sp.accuracy_tolerance,
                      "select_on": sp.select_on, "bootstrap": sp.bootstrap, "confidence": sp.confidence,
                      "null_draws": sp.null_draws, "head_index_base": sp.head_index_base, "variants": len(variants),
@@ -178,6 +186,7 @@ def run(params: Params) -> None:
         summary = policy_json(oracle, {c.name: c.alpha for c in headline})
         summary.update(
             usage_change={c.name: c.usage - c.baseline_usage for c in headline},
+            mean_gflops_change=gflops(base_usage + summary["mean_usage_change"]) - gflops(base_usage),
             mean_usage_reduction=sum(c.usage_reduction for c in headline) / len(headline),
             selected_on=sp.select_on,
             alpha_counts={"negative": sum(c.alpha < 0 for c in headline), "zero": sum(c.alpha == 0 for c in headline),
