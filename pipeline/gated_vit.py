@@ -145,6 +145,32 @@ class GatedViT(nn.Module):
                 all_logits.append(logits)
         return GatedOutput(self.head(x), torch.stack(all_gates, 1), torch.stack(all_logits, 1), cls_inputs)
 
+    @torch.no_grad()
+    def forward_skipping(self, images: Tensor) -> GatedOutput:
+        """Eval forward that computes only the kept heads: in every gated block the batch is
+        grouped by gate pattern and each group runs attention with its kept heads' weights
+        (a block whose heads are all dropped skips attention). Same gates, and logits equal to
+        `forward`'s up to float rounding; faster when few heads are kept (bench/bench_flops.py)."""
+        if self.training:
+            raise PipelineError("forward_skipping is an inference path: call model.eval() first")
+        x = self.embed(images)
+        all_gates, all_logits = [], []
+        for i, block in enumerate(self.vit.blocks):
+            if i < self.keep_layers:
+                x = block(x)
+                continue
+            logits = self.decision_net(i)(x[:, 0])
+            gates = (logits > 0).to(logits.dtype)
+            patterns, group = torch.unique(gates > 0, dim=0, return_inverse=True)
+            out = torch.empty_like(x)
+            for p, pattern in enumerate(patterns):
+                members = (group == p).nonzero().squeeze(1)
+                out[members] = run_block_with_heads(block, x[members], pattern.nonzero().squeeze(1))
+            x = out
+            all_gates.append(gates)
+            all_logits.append(logits)
+        return GatedOutput(self.head(x), torch.stack(all_gates, 1), torch.stack(all_logits, 1), {})
+
     # What steering needs: everything before the final block once, then the final block with
     # gates of our choosing.
     def forward_to_final(self, images: Tensor) -> Tensor:
