@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_sae.py
 	$(BIN)/python bench/bench_steer.py
+	$(BIN)/python bench/bench_flops.py
 
 clean-venv:
 	rm -rf $(VENV)
