@@ -41,14 +41,9 @@ def _fail(message: str, code: int) -> None:
 def _check_registered(params: Params, path: Path) -> None:
     """Names that refer to a registry rather than a fixed list (steering strategies). Checked
     here, not in params.py, so that no stage depends on the registry's code through its params."""
-    from pipeline.strategies import STRATEGIES, unknown_strategies
+    from pipeline.strategies import check_strategies
 
-    unknown = unknown_strategies(params.steer.strategies)
-    if unknown:
-        position, name = unknown[0]
-        raise ParamsError(
-            f"invalid parameters in {path}: steer.strategies.{position} = {name!r}: unknown strategy (known: {', '.join(STRATEGIES)})"
-        )
+    check_strategies(params.steer.strategies, source=f"invalid parameters in {path}: ")
 
 
 def _load(path: Path) -> Params:

@@ -152,10 +152,11 @@ def select_headline(select_rows: list[dict], report_rows: list[dict], n_heads: i
         report = reported[class_id]
         candidates = chosen.get(class_id, {})
         alpha = 0.0
-        if 0.0 in candidates:
-            base = candidates[0.0]
-            ok = [r for r in candidates.values() if r["accuracy"] >= base["accuracy"] - tolerance - 1e-12]
-            alpha = min(ok, key=lambda r: (r["head_usage"], abs(r["alpha"]), r["alpha"]))["alpha"]
+        if 0.0 in candidates:  # the rule of `choose_alpha`, on this class's rows
+            alphas = sorted(candidates)
+            accuracy = torch.tensor([[candidates[a]["accuracy"]] for a in alphas], dtype=torch.float64)
+            usage = torch.tensor([[candidates[a]["head_usage"]] for a in alphas], dtype=torch.float64)
+            alpha = alphas[int(choose_alpha(accuracy, usage, alphas, tolerance)[0])]
         base, best = report[0.0], report[alpha]
         keep = [best[f"keep_h{h}"] for h in range(n_heads)]
         out.append(ClassHeadline(
@@ -187,9 +188,6 @@ def class_null(report_rows: list[dict], strategy: str, null: str, confidence: fl
             out[class_id][alpha] = (effect, float(low), float(high))
     return out
 
-
-def side(effect: float, low: float, high: float) -> int:
-    return -1 if effect < low else 1 if effect > high else 0
 
 
 # ------------------------------------------------------------------------- strategy curves

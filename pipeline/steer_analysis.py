@@ -20,11 +20,10 @@ from pipeline.headline import (
     curve_intervals,
     evaluate_policy,
     select_headline,
-    side,
 )
 from pipeline.params import SteerParams
 from pipeline.steering import Tally, Variant, overall, strategy_curves
-from pipeline.uncertainty import interval
+from pipeline.uncertainty import interval, side
 
 
 def policy_json(result: PolicyResult, alphas_by_class: dict[str, float] | None = None) -> dict:

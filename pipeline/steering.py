@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from pipeline.gated_vit import GatedViT, ModelConfig
-from pipeline.params import ParamsError
 from pipeline.progress import progress
 from pipeline.sae import SparseAutoencoder
-from pipeline.strategies import STRATEGIES, LatentSets, SteerBatch, unknown_strategies
+from pipeline.strategies import STRATEGIES, LatentSets, SteerBatch, check_strategies
 
 
 @dataclass(frozen=True)
@@ -155,10 +154,7 @@ class Tally:
 
 def variants_for(strategies: list[str], alphas: list[float], draws: int) -> list[Variant]:
     """Every (strategy, alpha, draw) to evaluate; alpha 0 is the shared baseline."""
-    unknown = unknown_strategies(strategies)
-    if unknown:
-        position, name = unknown[0]
-        raise ParamsError(f"steer.strategies.{position} = {name!r}: unknown strategy (known: {', '.join(STRATEGIES)})")
+    check_strategies(strategies)
     grid = sorted(set(alphas) | {0.0})
     out = []
     for strategy in strategies:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.params import ParamsError
+
 
 @dataclass
 class LatentSets:
@@ -97,6 +99,10 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def unknown_strategies(names: list[str]) -> list[tuple[int, str]]:
-    """(position, name) of every name that is not a registered strategy."""
-    return [(i, name) for i, name in enumerate(names) if name not in STRATEGIES]
+def check_strategies(names: list[str], source: str = "") -> None:
+    """A ParamsError naming the first of `names` that is not a registered strategy (`source`,
+    e.g. "invalid parameters in params.yaml: ", is put in front of the message)."""
+    unknown = [(i, name) for i, name in enumerate(names) if name not in STRATEGIES]
+    if unknown:
+        position, name = unknown[0]
+        raise ParamsError(f"{source}steer.strategies.{position} = {name!r}: unknown strategy (known: {', '.join(STRATEGIES)})")

@@ -49,9 +49,6 @@ def pooled(class_values: Tensor, counts: Tensor) -> Tensor:
     return (class_values.nan_to_num(0.0) * weights).sum(-1)
 
 
-def outside_null(effect: Tensor, null_effects: Tensor, confidence: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Where an observed `effect` (...) lies against the effects of random sets (draws, ...):
-    the null's central interval (low, high) and -1 / 0 / +1 for below / inside / above it."""
-    low, high = interval(null_effects, confidence, dim=0)
-    side = torch.where(effect < low, -1, torch.where(effect > high, 1, 0))
-    return low, high, side
+def side(effect: float, low: float, high: float) -> int:
+    """Where an observed effect lies against a null's interval: -1 below, 0 inside, +1 above."""
+    return -1 if effect < low else 1 if effect > high else 0

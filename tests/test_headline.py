@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline, side
+from pipeline.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline
 from pipeline.strategies import LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
-from pipeline.uncertainty import class_bootstrap, class_means, interval, outside_null, pooled
+from pipeline.uncertainty import class_bootstrap, class_means, interval, pooled, side
 
 
 def row(split_acc: float, usage: float, class_id: int, alpha: float, strategy: str = "per_class", draw: int = 0) -> dict:
@@ -96,9 +96,9 @@ def test_evaluate_policy_reports_paired_changes_per_class_and_their_mean():
 # ------------------------------------------------------------------------------------- nulls
 def test_outside_null_uses_the_central_interval_of_the_draws():
     null = torch.arange(21, dtype=torch.float64)[:, None]  # 0..20: central 90% is [1, 19]
-    low, high, where = outside_null(torch.tensor([0.5, 10.0, 19.5]), null.expand(-1, 3), confidence=0.9)
+    low, high = interval(null.expand(-1, 3), confidence=0.9)
     assert low.tolist() == pytest.approx([1.0] * 3) and high.tolist() == pytest.approx([19.0] * 3)
-    assert where.tolist() == [-1, 0, 1]
+    assert [side(e, lo, hi) for e, lo, hi in zip([0.5, 10.0, 19.5], low.tolist(), high.tolist())] == [-1, 0, 1]
     assert side(0.5, 1.0, 19.0) == -1 and side(1.0, 1.0, 19.0) == 0
 
 
