@@ -9,7 +9,10 @@ measured speed-up of skipping over masking beside the one the FLOP count predict
 different random k-subset per image and block). Target: measured >= 0.9 x predicted for usage
 <= 0.5 at batch 32. Same machine, same run, alternating rounds, median reported.
 
-    .venv/bin/python bench/bench_flops.py [--rounds 3] [--threads 2]
+    .venv/bin/python bench/bench_flops.py [--rounds 3] [--threads 2] [--device cuda --dtype bfloat16]
+
+On a GPU each timing is of `--repeat` calls between two synchronisations (kernel launches are
+asynchronous), after the same warm-up.
 """
 
 from __future__ import annotations
@@ -34,19 +37,24 @@ def set_gates(model, kept: int, distinct: bool, seed: int = 0) -> None:
     with torch.no_grad():
         for net in model.decision:
             if distinct:
-                net.weight.normal_(0, 50.0, generator=gen)
+                net.weight.copy_(torch.randn(net.weight.shape, generator=gen) * 50.0)
                 net.bias.zero_()
             else:
                 net.weight.zero_()
                 net.bias.copy_(torch.tensor([1.0 if h < kept else -1.0 for h in range(model.num_heads)]))
 
 
-def timed(fn, images: torch.Tensor, rounds: int) -> float:
+def timed(fn, images: torch.Tensor, rounds: int, repeat: int = 1) -> float:
+    """Median seconds per call over `rounds` timings of `repeat` calls each."""
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     times = []
     for _ in range(rounds):
+        sync()
         start = time.perf_counter()
-        fn(images)
-        times.append(time.perf_counter() - start)
+        for _ in range(repeat):
+            fn(images)
+        sync()
+        times.append((time.perf_counter() - start) / repeat)
     return statistics.median(times)
 
 
@@ -54,24 +62,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeat", type=int, default=1, help="calls per timing (10 or more on a GPU)")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_gated_vit(ModelParams(**SHAPE), num_classes=100).eval()
     fm = flop_model(model)
+    model = model.to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
-    print(f"ViT-S/16 shape {SHAPE}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"ViT-S/16 shape {SHAPE}, {where}, {args.dtype}, median of {args.rounds} rounds x {args.repeat} calls")
     print(f"{'batch':>5} {'usage':>6} {'patterns':>9} {'masked img/s':>13} {'skipping img/s':>15} {'speed-up':>9} {'predicted':>10} {'ratio':>6}")
     for batch, kept_values, distinct in ((32, (6, 4, 3, 2), False), (1, (6, 3, 2), False), (32, (3, 2), True)):
-        images = torch.randn(batch, 3, 224, 224, generator=gen)
+        images = torch.randn(batch, 3, 224, 224, generator=gen).to(device=device, dtype=dtype)
         for kept in kept_values:
             set_gates(model, kept, distinct)
             with torch.no_grad():
                 out = model(images)
                 model.forward_skipping(images)  # warm-up
-                masked = timed(model, images, args.rounds)
-                skipping = timed(model.forward_skipping, images, args.rounds)
+                masked = timed(model, images, args.rounds, args.repeat)
+                skipping = timed(model.forward_skipping, images, args.rounds, args.repeat)
             usage = float(out.gates.mean())
             kept_per_block = [6.0] * model.keep_layers + [float(k) for k in out.gates.sum(-1).mean(0)]
             predicted = fm.dense / fm.image(kept_per_block)

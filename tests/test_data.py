@@ -301,6 +301,22 @@ def test_imagefolder_reads_a_tree(tmp_path, tiny_params):
     assert (again / "train.parquet").read_bytes() == (out / "train.parquet").read_bytes()
 
 
+def test_imagefolder_reads_lossless_webp_as_the_same_pixels(tmp_path, tiny_params):
+    # a lossless WebP copy of a PNG folder (about 20% smaller: how CIFAR-100 travelled to the GPU
+    # machine for issue 18) gives the same pixels, re-encoded as PNG
+    for split, seed in (("train", 1), ("test", 2)):
+        for name, offset in (("cat", 0), ("dog", 10)):
+            folder = tmp_path / "tree" / split / name
+            folder.mkdir(parents=True)
+            Image.fromarray(_rgb(seed + offset)).save(folder / "a.webp", lossless=True, quality=100)
+    data = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree")}).data
+    sources.build_dataset(data, tmp_path)
+    train = dataset.load_images(tmp_path / "train.parquet")
+    assert train.labels.tolist() == [0, 1]
+    assert torch.equal(train.images[1], torch.from_numpy(_rgb(11)).permute(2, 0, 1))
+    assert pq.read_table(tmp_path / "train.parquet").column("image").to_pylist()[0].startswith(b"\x89PNG")
+
+
 def test_imagefolder_max_per_class_keeps_source_index(tmp_path, tiny_params):
     _make_tree(tmp_path / "tree")
     data = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree"), "max_per_class": 1}).data

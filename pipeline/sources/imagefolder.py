@@ -1,4 +1,4 @@
-"""`data.source: imagefolder`: a `ROOT/{train,test}/CLASS/*.png|jpg|jpeg` tree at `data.path`,
+"""`data.source: imagefolder`: a `ROOT/{train,test}/CLASS/*.png|jpg|jpeg|webp` tree at `data.path`,
 with class names from the folder names or, for folders named by an ID (WordNet IDs such as
 `n02132136`), from the file `data.class_names`."""
 
@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.params import DataParams, ParamsError
 
 NAME = "imagefolder"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 def imagefolder_classes(root: Path) -> list[str]:
     """Class folder names shared by `root/train` and `root/test`, sorted; clear errors otherwise."""
@@ -52,7 +52,7 @@ def imagefolder_files(root: Path, split: str, class_names: Sequence[str]) -> lis
             key=lambda p: p.name,
         )
         if not images:
-            raise PipelineError(f"imagefolder: {folder} holds no images (*.png, *.jpg, *.jpeg)")
+            raise PipelineError(f"imagefolder: {folder} holds no images (*.png, *.jpg, *.jpeg, *.webp)")
         files += [(p, label) for p in images]
     return files
 
