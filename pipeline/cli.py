@@ -114,6 +114,48 @@ def latent_stats(params: Path = ParamsOption, debug: bool = DebugOption) -> None
 
 
 @app.command()
+def interpret(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """What each latent responds to (galleries, labels, purity) and which heads it moves."""
+    _run_stage("interpret", params, debug)
+
+
+ExploreDirOption = typer.Option(Path("explore"), "--out", help="Folder for latent_<N>.png (git-ignored by default).")
+
+
+def _explore(fn, debug: bool):
+    try:
+        return fn()
+    except PipelineError as exc:
+        if debug:
+            raise
+        _fail(str(exc), 1)
+
+
+@app.command()
+def latent(
+    index: int = typer.Argument(..., help="Latent id."),
+    images: int = typer.Option(16, "--images", help="Training images in the grid."),
+    out: Path = ExploreDirOption,
+    debug: bool = DebugOption,
+) -> None:
+    """One latent: label, purity, firing rate, attribution per head, and its image grid."""
+    from pipeline.explore import describe_latent
+
+    text, path = _explore(lambda: describe_latent(index, out, images), debug)
+    typer.echo(text)
+    if path is not None:
+        typer.echo(f"image grid: {path}")
+
+
+@app.command("class")
+def class_card(name: str = typer.Argument(..., help="Class name, as in the report."), debug: bool = DebugOption) -> None:
+    """One class's card: its top latents, the heads they push, shared latents, steering outcome."""
+    from pipeline.explore import describe_class
+
+    typer.echo(_explore(lambda: describe_class(name), debug))
+
+
+@app.command()
 def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Amplify latent sets, measure accuracy and head usage; writes the report."""
     _run_stage("steer", params, debug)

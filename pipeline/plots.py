@@ -193,3 +193,79 @@ def runs_usage_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path
         axes[0].set_ylabel("final-block head usage")
         axes[-1].legend(fontsize=6)
         save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ interpretation
+def image_rows(rows: Sequence[tuple[str, np.ndarray]], path: Path | str, title: str, header: str | None = None) -> None:
+    """One row of thumbnails per entry: (row title, (M, H, W, 3) uint8 images; M may be 0).
+    Used for latent galleries (a row per latent) and class cards (a row per card latent)."""
+    columns = max([len(images) for _, images in rows] + [1])
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(1.0 * columns + 0.4, 1.25 * max(len(rows), 1) + 0.5)
+        fig.suptitle(title, fontsize="medium")
+        grid = fig.subfigures(max(len(rows), 1), 1, squeeze=False)[:, 0]
+        for sub, (label, images) in zip(grid, rows):
+            sub.suptitle(label, fontsize=7, x=0.0, ha="left")
+            axes = sub.subplots(1, columns, squeeze=False)[0]
+            for i, ax in enumerate(axes):
+                ax.set_axis_off()
+                if i < len(images):
+                    ax.imshow(images[i], interpolation="nearest")
+        if header:
+            fig.text(0.0, 0.0, header, fontsize=6, ha="left", va="top")
+        save_figure(fig, path)
+
+
+def purity_histograms(purities: dict[str, object], chance: float, path: Path | str) -> None:
+    """Distribution of class purity per basis (SAE latents, random and PCA directions)."""
+    colours = {"SAE latents": "tab:blue", "random directions": "tab:gray", "PCA directions": "tab:orange"}
+    bins = np.linspace(0.0, 1.0, 41)
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(6.5, 4.0)
+        ax = fig.add_subplot()
+        for name, values in purities.items():
+            v = _as_array(values)
+            if len(v):
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.5, density=True, color=colours.get(name),
+                        label=f"{name} (n={len(v)}, mean {v.mean():.2f})")
+        ax.axvline(chance, color="black", linestyle=":", linewidth=1, label=f"largest class share {chance:.2f}")
+        ax.set_xlabel("class purity (share of activation mass on the top class)")
+        ax.set_ylabel("density")
+        ax.set_title("Are SAE latents more class-pure than other bases?")
+        ax.legend(fontsize=7)
+        save_figure(fig, path)
+
+
+def attribution_heatmap(matrix: object, row_names: Sequence[str], head_names: Sequence[str], path: Path | str, title: str) -> None:
+    """Latents x heads gate-logit change per unit activation (diverging, centred on 0)."""
+    data = _as_array(matrix)
+    n = max(len(row_names), 1)
+    limit = float(np.abs(data).max()) if data.size else 1.0
+    height = float(np.clip(1.5 + 0.2 * n, 3.0, 24.0))
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(3.5 + 0.6 * len(head_names), height)
+        ax = fig.add_subplot()
+        image = ax.imshow(data, cmap="RdBu_r", vmin=-limit or -1, vmax=limit or 1, aspect="auto", interpolation="nearest")
+        ax.set_xticks(np.arange(len(head_names)), labels=list(head_names))
+        ax.set_yticks(np.arange(len(row_names)), labels=list(row_names), fontsize=float(np.clip(0.6 * height * 72 / n, 4, 8)))
+        ax.set_xlabel("final-block head")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="gate-logit change per unit activation")
+        save_figure(fig, path)
+
+
+def shift_scatter(points: dict[str, tuple[object, object]], path: Path | str, title: str) -> None:
+    """Predicted mean gate-logit shift (x) against the measured keep-rate change (y), one colour
+    per series (a head)."""
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(6.0, 4.5)
+        ax = fig.add_subplot()
+        ax.axhline(0, color="gray", linewidth=0.6)
+        ax.axvline(0, color="gray", linewidth=0.6)
+        for name, (x, y) in points.items():
+            ax.scatter(_as_array(x), _as_array(y), s=6, alpha=0.6, label=name)
+        ax.set_xlabel("predicted mean gate-logit shift (attribution x alpha x mean activation)")
+        ax.set_ylabel("measured keep-rate change (steer, test)")
+        ax.set_title(title)
+        ax.legend(fontsize=7, markerscale=2)
+        save_figure(fig, path)

@@ -131,10 +131,14 @@ def _headline(steer: dict[str, Any], headline: list[ClassHeadline], head_names: 
         "| class | baseline acc / usage (heads) | steered acc / usage (heads) | alpha | usage change | beyond null |",
         "|---|---|---|---|---|---|",
     ]
-    ranked = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))
-    shown = ranked[:top] + [c for c in headline if c.name in PAPER_CLASSES and c not in ranked[:top]]
-    lines += [_row(c, head_names) for c in shown]
+    lines += [_row(c, head_names) for c in featured(headline, top)]
     return lines
+
+
+def featured(headline: list[ClassHeadline], top: int) -> list[ClassHeadline]:
+    """The classes the report features: the `top` largest usage reductions, then the paper's."""
+    ranked = sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))
+    return ranked[:top] + [c for c in headline if c.name in PAPER_CLASSES and c not in ranked[:top]]
 
 
 def render_report(
@@ -146,6 +150,7 @@ def render_report(
     head_names: list[str],
     finetune: dict[str, Any],
     sae: dict[str, Any],
+    explained: dict[str, Any] | None = None,
 ) -> str:
     sp, shape = params.steer, config.shape
     paper_scale = shape.embed_dim == 384 and shape.depth == 12 and params.data.source != "synthetic"
@@ -226,6 +231,8 @@ def render_report(
         for a, g in steer["global_null"].items():
             lines.append(f"| {float(a):+g} | {g['usage_change']:+.3f} | [{g['null_low']:+.3f}, {g['null_high']:+.3f}] | "
                          f"{_SIDE[g['side']]} |")
+    if explained:
+        lines += _interpretation(explained, head_names, sp.mode)
     ours = {c.name: c for c in headline}
     lines += [
         "",
@@ -245,7 +252,9 @@ def render_report(
     lines += [
         f"| overlap global vs class | {PAPER_OVERLAP} | {stats['overlap_global_vs_class']:.4f} (\\|A ∩ B\\| / K), {stats['jaccard_global_vs_class']:.4f} (Jaccard) |",
         "",
-        ("This run has the paper's scale (ViT-S/16 width 384, 12 blocks, real data): the numbers are quantitatively comparable."
+        ("This run has the paper's architecture (ViT-S/16 width 384, 12 blocks) and real data; at "
+         f"{_pct(finetune['test_accuracy'])} test accuracy, compare its numbers with the paper's only as far as the models' "
+         "accuracy and head usage are alike."
          if paper_scale else
          "This run is smaller than the paper's (model, data or both): compare signs and shapes of the curves, not values. "
          "The direction in which amplifying class latents moves head usage is a property of the trained decision network "
@@ -263,6 +272,13 @@ def render_report(
             "![per-class head usage, unsteered vs steered](plots/steer_class_usage.png)",
             "",
         ]
+    if explained:
+        lines += [
+            "![latents of the global set and their most activating training images](plots/latent_grid.png)",
+            "",
+            "![class purity of SAE latents against random and PCA directions](plots/purity.png)",
+            "",
+        ]
     lines += [
         "![class-by-class overlap of the top latent sets](plots/overlap_heatmap.png)",
         "",
@@ -270,3 +286,70 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str = "+.2f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _interpretation(explained: dict[str, Any], head_names: list[str], mode: str) -> list[str]:
+    """What the latents mean (purity, class cards) and why steering moves the heads it moves."""
+    purity, chance = explained["purity"]["purity"], explained["purity"]["chance_purity"]
+    sae, rnd, pca = purity["sae"], purity["random"], purity["pca"]
+    lines = [
+        "",
+        "## What the latents mean",
+        "",
+        "Each latent's class distribution is its activation mass per class on the training images; its label is the "
+        "top class and its purity that class's share (`pipeline latent N` prints one latent, `pipeline class NAME` one "
+        "class). The same statistics for random and PCA directions of the embeddings, each firing on the same fraction "
+        "of images as a paired SAE latent, say whether the SAE's basis is more class-pure than a rotation:",
+        "",
+        "| basis | directions | mean purity | median | 10% / 90% | purity > 0.5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in (("SAE latents (alive)", sae), ("random directions", rnd), ("PCA directions (both signs)", pca)):
+        lines.append(f"| {name} | {row['count']} | {row['mean']:.3f} | {row['median']:.3f} | {row['q10']:.3f} / {row['q90']:.3f} | "
+                     f"{100 * row['above_half']:.0f}% |")
+    lines += ["", f"A direction that ignores the class would have purity about {chance:.3f} (the largest class's share)."]
+    cards = explained["cards"]
+    if cards:
+        lines += ["", "### Class cards", "",
+                  "Each featured class's most frequent latents, the heads each pushes hardest at its mean activation "
+                  "(gate-logit change; on = towards keeping the head), the steering outcome and the classes it shares latents "
+                  "with. Images: `plots/class_cards.png`.", ""]
+        for card in cards:
+            (u0, u1), (a0, a1) = card["usage"], card["accuracy"]
+            lines.append(f"**{card['name']}**: steered at alpha {card['alpha']:+g}, usage {u0:.2f} -> {u1:.2f}, accuracy "
+                         f"{100 * a0:.0f}% -> {100 * a1:.0f}%; shares latents with {', '.join(card['related']) or 'no class'}.")
+            lines += [f"- {latent['line']}; pushes {latent['pushes']}" for latent in card["latents"]]
+            lines.append("")
+    shifts, glob = explained["shift_vs_keep"], explained["global_set"]
+    lines += [
+        "## Why steering moves the heads it moves",
+        "",
+        "The final block's decision network is linear in its CLS input, so a latent's effect on each gate logit is exact "
+        "before any experiment: attribution = decision weights . the latent's decoder direction. Steering a set in mode "
+        f"`{mode}` moves a class's mean gate logit by alpha x sum over the set of (mean activation x attribution)"
+        + ("" if explained["keep_error"] else " plus the change of the reconstruction error (keep_error is off: the prediction is partial)")
+        + ". Against the keep-rate changes the sweep measured (test split, one point per strategy, class, alpha != 0 and head):",
+        "",
+        "| strategy | points | Pearson | Spearman | points whose keep rate moved | same sign as predicted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("per_class", "global", "all"):
+        row = shifts[name]
+        agree = "n/a" if row["sign_agreement"] is None else f"{100 * row['sign_agreement']:.0f}%"
+        lines.append(f"| {name} | {row['points']} | {_num(row['pearson'])} | {_num(row['spearman'])} | {row['moved']} | {agree} |")
+    if glob:
+        push = ", ".join(f"{h} {p:+.2f}" for h, p in zip(head_names, glob["predicted_logit_shift"]))
+        seen = ", ".join(f"{h} {m:+.3f}" for h, m in zip(head_names, glob["measured_keep_change"]))
+        total = sum(glob["measured_keep_change"]) / max(len(head_names), 1)
+        lines += ["", f"The global set at alpha {glob['alpha']:+g}: predicted mean gate-logit shift {push}; measured keep-rate "
+                  f"change {seen} (usage {total:+.3f}). A head only flips where its logit crosses zero, so a large predicted "
+                  "shift on a head that is far from its threshold changes little, and the sign of the usage change is the "
+                  "sign of the shifts on the heads near it."]
+    lines += ["", "![predicted gate-logit shift against measured keep-rate change](plots/shift_vs_keep.png)", "",
+              "![attribution of the featured classes' latents to the final block's heads](plots/attribution_heatmap.png)", "",
+              "![class cards: top latents and their most activating images](plots/class_cards.png)"]
+    return lines

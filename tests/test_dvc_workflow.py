@@ -29,7 +29,7 @@ from pipeline.summary import flatten
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
 
-ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "steer"}
+ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer"}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -152,7 +152,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
     assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
-    assert len(metrics) == 11, sorted(metrics)
+    assert len(metrics) == 13, sorted(metrics)
     commit(repo, "alt applied")
 
 
@@ -184,7 +184,9 @@ PLOT_IDS = [
     "finetune_accuracy", "finetune_loss", "finetune_block_usage", "sae_fvu", "sae_dead", "class_overlap",
     "steer_accuracy", "steer_usage", "steer_class_usage",
     "metrics/plots/overlap_heatmap.png", "metrics/plots/firing_frequency.png", "metrics/plots/steer_curves.png",
-    "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png",
+    "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png", "metrics/plots/latent_grid.png",
+    "metrics/plots/purity.png", "metrics/plots/class_cards.png", "metrics/plots/attribution_heatmap.png",
+    "metrics/plots/shift_vs_keep.png",
 ]
 
 
@@ -371,7 +373,7 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     assert [n for n, c in closures.items() if c & source_files] == ["download"]
     assert [n for n, c in closures.items() if "pipeline/sae_training.py" in c] == ["train_sae"]
     assert "pipeline/training.py" not in closures["extract"]
-    assert {n for n, c in closures.items() if "pipeline/dataset.py" in c} == {"download", "finetune", "extract", "steer"}
+    assert {n for n, c in closures.items() if "pipeline/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer"}
 
 
 def _outputs(stage: dict) -> set[str]:
@@ -398,9 +400,9 @@ def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
 
 
 @pytest.mark.slow
-def test_an_sae_param_reruns_train_sae_latent_stats_and_steer_only(project):
+def test_an_sae_param_reruns_train_sae_latent_stats_interpret_and_steer_only(project):
     set_param(project.repo, "sae", "seed", 1)
-    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "steer"}
+    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer"}
     commit(project.repo, "sae seed")
 
 
@@ -410,13 +412,13 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
     stage = repo / "pipeline/stages/latent_stats.py"
     original = stage.read_text()
     # A change of behaviour (the stage now uses top_k 3): latent_stats and, its outputs
-    # changing, steer rerun; nothing upstream does.
+    # changing, interpret and steer rerun; nothing upstream does.
     stage.write_text(
         original
         + "\n\n_run = run\n\n\ndef run(params):\n"
         + "    _run(params.model_copy(update={'stats': params.stats.model_copy(update={'top_k': 3})}))\n"
     )
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "steer"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer"}
     top_sets = json.loads((repo / "data/stats/top_sets.json").read_text())
     assert len(top_sets["global"]) == 3
     commit(repo, "latent_stats edited")

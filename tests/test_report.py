@@ -109,4 +109,4 @@ def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_fig
 def test_a_run_at_the_papers_scale_on_real_data_says_its_numbers_are_comparable(tiny_params):
     params = tiny_params(data={"source": "imagefolder", "path": "somewhere"}, steer={"strategies": ["global"]})
     report = render_report(params, config(embed_dim=384, depth=12), STATS, steer_metrics(["global"], False), [], HEADS, FINETUNE, SAE)
-    assert "This run has the paper's scale" in report and "smaller than the paper's" not in report
+    assert "This run has the paper's architecture" in report and "smaller than the paper's" not in report

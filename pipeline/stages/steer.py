@@ -11,20 +11,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import plots
+from pipeline import cards, plots
 from pipeline.checks import same_classes, same_rows, same_width
-from pipeline.dataset import load_images
+from pipeline.dataset import load_images, read_images_at
 from pipeline.embeddings import read_embeddings
 from pipeline.errors import PipelineError
 from pipeline.flops import flop_model
 from pipeline.gated_vit import load_gated_vit
-from pipeline.layout import download, extract, finetune, latent_stats, train_sae
+from pipeline.layout import download, extract, finetune, interpret, latent_stats, train_sae
 from pipeline.layout import steer as files
 from pipeline.params import Params
-from pipeline.report import render_report
+from pipeline.report import featured, render_report
 from pipeline.runtime import pick_device
 from pipeline.sae import load_sae
 from pipeline.steer_analysis import analyse
@@ -120,7 +121,6 @@ def run(params: Params) -> None:
     base_acc, base_usage = metrics["baseline"]["accuracy"], metrics["baseline"]["head_usage"]
     curves = metrics["strategies"]
     head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
-    write_json(files.DETAILS, metrics)
     if headline:
         summary = metrics["per_class_headline"]
         # short names keep `dvc exp show` legible at 120 columns (docs/EXPERIMENTS.md explains them)
@@ -149,7 +149,66 @@ def run(params: Params) -> None:
         baseline_keep = [[r[f"keep_h{h}"] for h in range(n_heads)] for r in rows["test"] if r["strategy"] == "per_class" and r["alpha"] == 0.0]
         plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], class_names, heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], class_names, files.CLASS_USAGE_PNG)
-    report = render_report(params, config, read_json(latent_stats.DETAILS), metrics, headline, heads,
-                           read_json(finetune.DETAILS), read_json(train_sae.DETAILS))
+    stats_details = read_json(latent_stats.DETAILS)
+    explained = explain(params, rows["test"], headline, heads, stats_details, read_json(latent_stats.TOP_SETS))
+    metrics["interpretation"] = {k: explained[k] for k in ("shift_vs_keep", "global_set")}
+    write_json(files.DETAILS, metrics)
+    report = render_report(params, config, stats_details, metrics, headline, heads,
+                           read_json(finetune.DETAILS), read_json(train_sae.DETAILS), explained)
     write_text(files.REPORT, report)
     log.info("baseline accuracy %.4f usage %.3f; report in %s", base_acc, base_usage, files.REPORT)
+
+
+def explain(params: Params, rows: list[dict], headline: list, heads: list[str], stats_details: dict, top_sets: dict) -> dict:
+    """What `interpret` predicted against what the sweep measured, the featured classes' cards,
+    and their figures (class cards, attribution heatmap, predicted-vs-measured scatter)."""
+    sp, ip = params.steer, params.interpret
+    interp = cards.load_interpretation()
+    comparison = cards.compare_shifts(interp, rows, sp.mode, len(heads))
+    plots.shift_scatter(
+        {heads[h]: (comparison.predicted[comparison.head == h], comparison.measured[comparison.head == h]) for h in range(len(heads))},
+        files.SHIFT_SCATTER, f"Steering per class and globally (mode {sp.mode}): predicted vs measured, per head",
+    )
+    # the global set at the largest alpha: the direction it pushes each head, predicted and measured
+    amax = max(sp.alphas)
+    counts = {r["class_id"]: r["n"] for r in rows if r["strategy"] == "global" and r["alpha"] == 0.0 and r["draw"] == 0}
+    weights = np.array([counts.get(c, 0) for c in range(interp.unit_shifts[("global", sp.mode)].shape[0])], dtype=float)
+    predicted = amax * (weights @ interp.unit_shifts[("global", sp.mode)]) / max(weights.sum(), 1.0)
+    measured = [0.0] * len(heads)
+    for r in rows:
+        if r["strategy"] == "global" and r["draw"] == 0 and r["alpha"] in (0.0, amax):
+            sign = 1.0 if r["alpha"] == amax else -1.0
+            for h in range(len(heads)):
+                measured[h] += sign * r["n"] * r[f"keep_h{h}"] / max(weights.sum(), 1.0)
+    global_set = {"alpha": amax, "predicted_logit_shift": [rounded(v) for v in predicted.tolist()],
+                  "measured_keep_change": [rounded(v) for v in measured]} if amax > 0 and weights.sum() else None
+
+    class_cards, image_rows, heat_rows, heat_names = [], [], [], []
+    for c in featured(headline, sp.top_classes):
+        latents = top_sets["per_class"][c.name][: ip.card_latents]
+        related = [r["class"] for r in stats_details.get("related", {}).get(c.name, [])]
+        class_cards.append({
+            "name": c.name,
+            "latents": [{"line": cards.latent_line(interp, j), "pushes": cards.pushes(interp, j, heads)} for j in latents],
+            "alpha": c.alpha, "usage": (c.baseline_usage, c.usage), "accuracy": (c.baseline_accuracy, c.accuracy),
+            "related": related,
+        })
+        for j in latents:
+            image_rows.append((c.name, j, interp.gallery_rows.get(j, [])[: ip.grid_images]))
+            heat_rows.append(interp.attribution[j])
+            heat_names.append(f"{c.name}: latent {j}")
+    if image_rows:
+        flat = [r for _, _, gallery in image_rows for r in gallery]
+        images, _, _ = read_images_at(download.dataset_split("train"), flat)
+        drawn, offset = [], 0
+        for name, j, gallery in image_rows:
+            drawn.append((f"{name} | {cards.latent_line(interp, j)} | pushes {cards.pushes(interp, j, heads)}", images[offset:offset + len(gallery)]))
+            offset += len(gallery)
+        plots.image_rows(drawn, files.CLASS_CARDS, "Class cards: each featured class's most frequent latents and the training images they fire on most")
+        plots.attribution_heatmap(np.stack(heat_rows), heat_names, heads, files.ATTRIBUTION_HEATMAP,
+                                  "Final-block gate-logit change per unit activation (featured classes' latents)")
+    else:  # no headline (per_class not swept): the figures still exist, empty
+        plots.image_rows([], files.CLASS_CARDS, "Class cards: no featured classes (per_class not among steer.strategies)")
+        plots.attribution_heatmap(np.zeros((0, len(heads))), [], heads, files.ATTRIBUTION_HEATMAP, "no featured classes")
+    return {"shift_vs_keep": rounded(comparison.summary()), "global_set": global_set, "cards": class_cards,
+            "purity": read_json(interpret.DETAILS), "keep_error": sp.keep_error}

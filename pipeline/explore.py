@@ -1,0 +1,89 @@
+"""`pipeline latent N` and `pipeline class NAME`: one latent or one class, from the outputs of
+`interpret` (and `latent_stats`, and `steer` when it has run), for a person exploring a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import plots
+from pipeline.cards import Interpretation, latent_line, load_interpretation, pushes
+from pipeline.dataset import read_images_at
+from pipeline.errors import PipelineError
+from pipeline.layout import download, latent_stats, steer
+from pipeline.layout import interpret as files
+from pipeline.storage import read_json
+
+EXPLORE = Path("explore")
+"""Where the commands write their figures (git-ignored): explore/latent_<N>.png."""
+
+
+def _interpretation() -> Interpretation:
+    if not files.LATENTS.exists() or not files.GALLERIES.exists():
+        raise PipelineError(f"{files.INTERPRET} is missing: run `dvc repro interpret` (or `pipeline interpret`) first")
+    return load_interpretation()
+
+
+def _read(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro {stage}` first")
+    return read_json(path)
+
+
+def describe_latent(latent: int, out_dir: Path = EXPLORE, images: int = 16, head_base: int = 0) -> tuple[str, Path]:
+    """Text about one latent and the path of its image grid (written here)."""
+    interp = _interpretation()
+    n_latents, n_heads = interp.attribution.shape
+    if not 0 <= latent < n_latents:
+        raise PipelineError(f"latent {latent} does not exist: the SAE has latents 0..{n_latents - 1}")
+    heads = [f"h{h + head_base}" for h in range(n_heads)]
+    top_sets = _read(latent_stats.TOP_SETS, "latent_stats")
+    in_sets = [name for name, members in top_sets["per_class"].items() if latent in members]
+    lines = [
+        latent_line(interp, latent),
+        f"mean activation where it fires: {interp.mean_activation[latent]:.4g}",
+        "gate-logit change per unit activation: " + ", ".join(f"{h} {a:+.3f}" for h, a in zip(heads, interp.attribution[latent])),
+        f"pushes hardest at its mean activation: {pushes(interp, latent, heads)}",
+        f"in the global top set: {'yes' if latent in top_sets['global'] else 'no'}; in the top sets of: {', '.join(in_sets) or 'no class'}",
+    ]
+    rows = interp.gallery_rows.get(latent, [])[:images]
+    path = out_dir / f"latent_{latent}.png"
+    if rows:
+        pixels, labels, _ = read_images_at(download.dataset_split("train"), rows)
+        names = top_sets["class_names"]
+        lines.append("most activating training images (row: class): " + ", ".join(f"{r}: {names[c]}" for r, c in zip(rows, labels)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots.image_rows([(latent_line(interp, latent), pixels)], path, f"latent {latent}: its {len(rows)} most activating training images")
+    else:
+        lines.append("it never fires on a training image: no gallery")
+        path = None
+    return "\n".join(lines), path
+
+
+def describe_class(name: str, card_latents: int = 3, head_base: int = 0) -> str:
+    """A class card: its top latents (label, purity, firing rate, heads pushed), the classes it
+    shares latents with, and its steering outcome when `steer` has run."""
+    interp = _interpretation()
+    top_sets = _read(latent_stats.TOP_SETS, "latent_stats")
+    classes = top_sets["class_names"]
+    if name not in classes:
+        close = [c for c in classes if name.lower() in c.lower()][:5]
+        raise PipelineError(f"no class '{name}' in this run" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    heads = [f"h{h + head_base}" for h in range(interp.attribution.shape[1])]
+    related = _read(latent_stats.DETAILS, "latent_stats").get("related", {}).get(name, [])
+    lines = [f"class {name}: top latents (most frequent first)"]
+    for j in top_sets["per_class"][name][:card_latents]:
+        lines.append(f"  {latent_line(interp, j)}; pushes {pushes(interp, j, heads)}")
+    lines.append("shares latents with: " + (", ".join(f"{r['class']} (overlap {r['overlap']:.2f})" for r in related) or "no class"))
+    if steer.DETAILS.exists():
+        headline = read_json(steer.DETAILS).get("per_class_headline", {})
+        if name in headline.get("alpha", {}):
+            lines.append(f"steering (headline, chosen on {headline.get('selected_on', '?')}): alpha {headline['alpha'][name]:+g}, "
+                         f"usage change {headline['usage_change'][name]:+.3f} on test")
+    else:
+        lines.append(f"steering outcome: {steer.DETAILS} is missing (run `dvc repro steer`)")
+    shift = interp.unit_shifts[("per_class", "scale")][classes.index(name)]
+    lines.append("predicted mean gate-logit shift per unit alpha (own set, mode scale): "
+                 + ", ".join(f"{h} {s:+.3f}" for h, s in zip(heads, np.asarray(shift))))
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""`interpret`: what each SAE latent responds to and which final-block heads it moves.
+
+Reads the train and test embeddings, the SAE, the top sets of `latent_stats`, the fine-tuned
+model (only its final decision network) and, for the figure, the training images the galleries
+point at. Writes (pipeline/layout/interpret.py):
+- data/interpret/galleries.parquet: every alive latent's top-N training images (one streaming
+  pass, pipeline.interpret.TopImages);
+- data/interpret/latents.parquet: per latent its firing rate, automatic label, purity, entropy
+  and gate-logit attribution per head;
+- data/interpret/shifts.parquet: the mean gate-logit shift per head that steering each class
+  (its own set, and the global set) at alpha = 1 predicts on the test split; `steer` sets it
+  against what it measures;
+- metrics/interpret.json, metrics/details/interpret.json: purity of the SAE basis against random
+  and PCA directions;
+- metrics/plots/latent_grid.png (the global set's galleries), metrics/plots/purity.png.
+Nothing here reads `steer`'s params or outputs: a steering change does not rerun it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import interpret as it
+from pipeline import plots
+from pipeline import stats as st
+from pipeline.checks import labels_in_range, same_classes, same_width
+from pipeline.dataset import read_images_at
+from pipeline.embeddings import EmbeddingTable, read_embeddings
+from pipeline.errors import PipelineError
+from pipeline.gated_vit import load_gated_vit
+from pipeline.layout import download, extract, finetune, latent_stats, train_sae
+from pipeline.layout import interpret as files
+from pipeline.params import InterpretParams, Params
+from pipeline.progress import progress
+from pipeline.sae import SparseAutoencoder, load_sae
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, rounded, write_json
+
+log = logging.getLogger(__name__)
+
+TRAIN, TEST = extract.embeddings_split("train"), extract.embeddings_split("test")
+
+
+def run(params: Params) -> None:
+    ip = params.interpret
+    clean_outputs(*files.WRITES)
+    sae = load_sae(train_sae.SAE).to("cpu").eval()
+    model, config = load_gated_vit(finetune.MODEL)
+    train, test = read_embeddings(TRAIN), read_embeddings(TEST)
+    class_names = config.class_names
+    for table, path in ((train, TRAIN), (test, TEST)):
+        same_classes(table.class_names, path, class_names, finetune.MODEL_CONFIG, rerun="extract")
+        same_width(table.dim, path, sae.dim, train_sae.SAE_CONFIG, rerun="train_sae")
+        labels_in_range(table.labels, path, len(class_names))
+    top_sets = read_json(latent_stats.TOP_SETS)
+    same_classes(top_sets.get("class_names") or [], latent_stats.TOP_SETS, class_names, finetune.MODEL_CONFIG, rerun="latent_stats")
+    n_latents, n_classes = sae.n_latents, len(class_names)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        top, train_stats = stream_train(sae, train, n_classes, ip)
+    log.info("top-%d images of %d latents over %d training rows in %.1f s", ip.top_n, n_latents, len(train.labels), time.perf_counter() - start)
+
+    sae_purity = it.class_purity(train_stats.value_sum_class.T)
+    alive = train_stats.alive
+    baselines = baseline_purities(train, train_stats.freq_all[alive], n_classes, ip.baseline_seed)
+    with torch.no_grad():
+        weight = model.decision_net(model.depth - 1).weight.detach().double()
+        attribution = it.head_attribution(weight, sae.decoder_directions().detach().double())
+        test_stats = st.encode_stats(sae.encode_sparse, test.x, test.labels, n_latents, n_classes, ip.batch_size, desc="encode test")
+    shifts = unit_shifts(top_sets, test_stats, attribution, class_names)
+
+    write_galleries(top, train)
+    write_latents(train_stats, sae_purity, attribution, class_names)
+    write_shifts(shifts, class_names, model.num_heads)
+
+    chance = float(train_stats.class_counts.max() / train_stats.class_counts.sum())
+    summaries = {"sae": it.purity_summary(it.Purity(sae_purity.label[alive], sae_purity.purity[alive], sae_purity.entropy[alive])),
+                 **{name: it.purity_summary(p) for name, p in baselines.items()}}
+    write_json(files.METRICS, rounded({"purity": summaries["sae"]["mean"], "purity_pca": summaries["pca"]["mean"]}))
+    write_json(files.DETAILS, rounded({
+        "purity": summaries,
+        "chance_purity": chance,
+        "alive_latents": int(alive.sum()),
+        "n_latents": n_latents,
+        "top_n": ip.top_n,
+        "train_rows": len(train.labels),
+        "attribution": {
+            "mean_abs_per_head": attribution[alive].abs().mean(0).tolist(),
+            "max_abs": float(attribution[alive].abs().max()) if alive.any() else 0.0,
+        },
+        "baselines": "random: one unit direction per alive latent; pca: the leading principal directions "
+                     "with both signs, at most 2 x width; each fires on the firing rate of a paired alive latent",
+    }))
+    draw_latent_grid(top_sets["global"][: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)
+    plots.purity_histograms(
+        {"SAE latents": sae_purity.purity[alive], "random directions": baselines["random"].purity,
+         "PCA directions": baselines["pca"].purity},
+        chance, files.PURITY_PLOT,
+    )
+    log.info("purity: SAE %.3f, random %.3f, PCA %.3f (largest class share %.3f)",
+             summaries["sae"]["mean"], summaries["random"]["mean"], summaries["pca"]["mean"], chance)
+
+
+def stream_train(sae: SparseAutoencoder, train: EmbeddingTable, n_classes: int, ip: InterpretParams) -> tuple[it.TopImages, st.LatentStats]:
+    """One pass over the training embeddings: each latent's top-N images and the per-class
+    activation mass, without holding all codes."""
+    top = it.TopImages.empty(sae.n_latents, ip.top_n)
+    stats = st.empty_stats(sae.n_latents, n_classes)
+    for begin in progress(range(0, len(train.labels), ip.batch_size), desc="galleries"):
+        x, labels = train.x[begin:begin + ip.batch_size], train.labels[begin:begin + ip.batch_size]
+        values, indices = sae.encode_sparse(x)
+        top.update(values, indices, begin)
+        stats = stats + st.firing_stats(values, indices, labels, sae.n_latents, n_classes)
+    return top, stats
+
+
+def baseline_purities(train: EmbeddingTable, rates: torch.Tensor, n_classes: int, seed: int) -> dict[str, it.Purity]:
+    """Random and PCA directions, each paired with an alive latent's firing rate (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = rates[torch.randperm(len(rates), generator=gen)]
+    x = train.x.float()
+    random_dirs = it.random_directions(len(rates), x.shape[1], seed).float()
+    pca_dirs = it.pca_directions(x, len(rates)).float()
+    return {
+        "random": it.direction_purity(x, random_dirs, shuffled, train.labels, n_classes),
+        "pca": it.direction_purity(x, pca_dirs, shuffled[: len(pca_dirs)], train.labels, n_classes),
+    }
+
+
+def unit_shifts(top_sets: dict, test_stats: st.LatentStats, attribution: torch.Tensor, class_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{strategy: {"scale": (C, H), "add": (C, H)}}: the mean gate-logit shift of each class's
+    test images at alpha = 1 when steered with its own set (`per_class`) or the global set."""
+    n_latents = attribution.shape[0]
+    try:
+        per_class = torch.zeros(len(class_names), n_latents, dtype=torch.bool)
+        for c, name in enumerate(class_names):
+            per_class[c, top_sets["per_class"][name]] = True
+        global_set = torch.zeros(n_latents, dtype=torch.bool)
+        global_set[top_sets["global"]] = True
+        mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float64)
+    except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
+    counts = test_stats.class_counts.double().clamp_min(1)[:, None]
+    mean_z = test_stats.value_sum_class / counts  # (C, L): E over the class's images, zeros included
+    masks = {"per_class": per_class, "global": global_set.expand_as(per_class)}
+    return {
+        name: {"scale": it.unit_logit_shifts(mask, mean_z, attribution),
+               "add": it.unit_logit_shifts(mask, mean_active.expand_as(mean_z), attribution)}
+        for name, mask in masks.items()
+    }
+
+
+GALLERY_SCHEMA = pa.schema([
+    ("latent", pa.int32()), ("rank", pa.int32()), ("row", pa.int64()), ("index", pa.int64()),
+    ("label", pa.int32()), ("activation", pa.float32()),
+])
+
+
+def write_galleries(top: it.TopImages, train: EmbeddingTable) -> None:
+    keep = top.rows >= 0
+    latent, rank = torch.nonzero(keep, as_tuple=True)
+    rows = top.rows[keep]
+    table = pa.table({
+        "latent": latent.numpy().astype(np.int32), "rank": rank.numpy().astype(np.int32),
+        "row": rows.numpy(), "index": train.index[rows].numpy(), "label": train.labels[rows].numpy().astype(np.int32),
+        "activation": top.values[keep].numpy().astype(np.float32),
+    }, schema=GALLERY_SCHEMA)
+    _write(table, files.GALLERIES)
+
+
+def write_latents(stats: st.LatentStats, purity: it.Purity, attribution: torch.Tensor, class_names: list[str]) -> None:
+    n_heads = attribution.shape[1]
+    label = purity.label
+    columns = {
+        "latent": np.arange(stats.n_latents, dtype=np.int32),
+        "firing_rate": stats.freq_all.numpy(),
+        "mean_activation": stats.mean_active_all.numpy(),
+        "label_id": label.numpy().astype(np.int32),
+        "label": np.array([class_names[c] if c >= 0 else "" for c in label.tolist()], dtype=object),
+        "purity": purity.purity.numpy(),
+        "entropy": purity.entropy.numpy(),
+        **{f"attr_h{h}": attribution[:, h].numpy() for h in range(n_heads)},
+    }
+    _write(pa.table(columns), files.LATENTS)
+
+
+def write_shifts(shifts: dict[str, dict[str, torch.Tensor]], class_names: list[str], n_heads: int) -> None:
+    records = {"strategy": [], "class_id": [], "class": [], "head": [], "shift_scale": [], "shift_add": []}
+    for strategy, by_mode in shifts.items():
+        for c, name in enumerate(class_names):
+            for h in range(n_heads):
+                records["strategy"].append(strategy)
+                records["class_id"].append(c)
+                records["class"].append(name)
+                records["head"].append(h)
+                records["shift_scale"].append(float(by_mode["scale"][c, h]))
+                records["shift_add"].append(float(by_mode["add"][c, h]))
+    schema = pa.schema([("strategy", pa.string()), ("class_id", pa.int32()), ("class", pa.string()), ("head", pa.int32()),
+                        ("shift_scale", pa.float64()), ("shift_add", pa.float64())])
+    _write(pa.table(records, schema=schema), files.SHIFTS)
+
+
+def _write(table: pa.Table, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with parquet_writer(tmp, table.schema) as writer:
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+
+
+def latent_title(latent: int, rate: float, label: str, purity: float) -> str:
+    return f"latent {latent}: fires on {rate:.1%} of training images; label '{label}', purity {purity:.2f}"
+
+
+def gallery_images(latents: list[int], top: it.TopImages, count: int) -> tuple[list[list[int]], np.ndarray, np.ndarray, int]:
+    """Rows of the first `count` gallery images of each latent, and those images decoded."""
+    per_latent = [[r for r in top.rows[j, :count].tolist() if r >= 0] for j in latents]
+    flat = [r for rows in per_latent for r in rows]
+    images, labels, n_rows = read_images_at(download.dataset_split("train"), flat)
+    return per_latent, images, labels, n_rows
+
+
+def draw_latent_grid(latents: list[int], top: it.TopImages, stats: st.LatentStats, purity: it.Purity,
+                     class_names: list[str], ip: InterpretParams) -> None:
+    per_latent, images, _, n_rows = gallery_images(latents, top, ip.grid_images)
+    if n_rows != stats.n_samples:
+        raise PipelineError(f"{download.dataset_split('train')} has {n_rows} rows, {TRAIN} {stats.n_samples}; rerun extract")
+    rows, offset = [], 0
+    for j, gallery in zip(latents, per_latent):
+        label = class_names[int(purity.label[j])] if purity.label[j] >= 0 else "-"
+        rows.append((latent_title(j, float(stats.freq_all[j]), label, float(purity.purity[j])), images[offset:offset + len(gallery)]))
+        offset += len(gallery)
+    plots.image_rows(rows, files.LATENT_GRID, f"Global top set: each latent's {ip.grid_images} most activating training images")
