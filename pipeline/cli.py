@@ -155,6 +155,26 @@ def class_card(name: str = typer.Argument(..., help="Class name, as in the repor
     typer.echo(_explore(lambda: describe_class(name), debug))
 
 
+ExportDirOption = typer.Option(None, "--out", help="Output folder (default explore/pruned-<classes>).")
+
+
+@app.command("export-pruned")
+def export_pruned(
+    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, e.g. bowl,plate."),
+    out: Path | None = ExportDirOption,
+    debug: bool = DebugOption,
+) -> None:
+    """A compact model keeping, per block, the heads most of these classes' images keep."""
+    _setup_logging()
+    from pipeline.export_pruned import describe, export
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    folder = out or Path("explore") / ("pruned-" + "-".join(names))
+    result = _explore(lambda: export(names, folder), debug)
+    typer.echo(describe(result))
+    typer.echo(f"written: {folder}/model.safetensors, config.json, export.json")
+
+
 @app.command()
 def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Amplify latent sets, measure accuracy and head usage; writes the report."""

@@ -346,9 +346,9 @@ def _interpretation(explained: dict[str, Any], head_names: list[str], mode: str)
         seen = ", ".join(f"{h} {m:+.3f}" for h, m in zip(head_names, glob["measured_keep_change"]))
         total = sum(glob["measured_keep_change"]) / max(len(head_names), 1)
         lines += ["", f"The global set at alpha {glob['alpha']:+g}: predicted mean gate-logit shift {push}; measured keep-rate "
-                  f"change {seen} (usage {total:+.3f}). A head only flips where its logit crosses zero, so a large predicted "
-                  "shift on a head that is far from its threshold changes little, and the sign of the usage change is the "
-                  "sign of the shifts on the heads near it."]
+                  f"change {seen} (usage {total:+.3f}). A keep rate moves only where logits cross zero, and a mean shift hides "
+                  "its spread over images, so the two need not agree head by head; the correlation above says how far "
+                  "they do."]
     lines += ["", "![predicted gate-logit shift against measured keep-rate change](plots/shift_vs_keep.png)", "",
               "![attribution of the featured classes' latents to the final block's heads](plots/attribution_heatmap.png)", "",
               "![class cards: top latents and their most activating images](plots/class_cards.png)"]

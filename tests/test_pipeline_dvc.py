@@ -46,6 +46,13 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     card = cli(repo, "class", first_class)
     assert card.returncode == 0, card.stderr
     assert card.stdout.startswith(f"class {first_class}: top latents") and "steering (headline" in card.stdout
+    pair = json.loads((repo / "data/stats/top_sets.json").read_text())["class_names"][:2]
+    exported = cli(repo, "export-pruned", "--classes", ",".join(pair))
+    assert exported.returncode == 0, exported.stderr
+    result = json.loads((repo / f"explore/pruned-{pair[0]}-{pair[1]}/export.json").read_text())
+    assert result["classes"] == pair and result["gflops"]["compact"] <= result["gflops"]["dense"]
+    assert "| compact |" in exported.stdout
+    assert cli(repo, "export-pruned", "--classes", "no-such-class").returncode == 1
     assert cli(repo, "latent", "100000").returncode == 1
     unknown = cli(repo, "class", "no-such-class")
     assert unknown.returncode == 1 and "no class 'no-such-class'" in unknown.stderr

@@ -1,0 +1,119 @@
+"""`pipeline export-pruned --classes A,B`: a compact model for a group of classes, beside the
+gated model it came from (accuracy on those classes and on all, GFLOPs, measured latency).
+
+Heads are chosen on the training split (a majority of the classes' training images keep them,
+block by block) and everything reported is on the test split. Reads the finished `finetune`
+and `download` outputs; writes `<out>/model.safetensors`, `<out>/config.json`, `<out>/export.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.dataset import load_images
+from pipeline.errors import PipelineError
+from pipeline.flops import flop_model
+from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
+from pipeline.layout import download, finetune
+from pipeline.pruned import latency, majority_heads, prune, save_pruned
+from pipeline.storage import rounded, write_json
+
+
+def _batches(images: torch.Tensor, size: int):
+    for start in range(0, len(images), size):
+        yield images[start:start + size]
+
+
+@torch.no_grad()
+def gated_outputs(model: GatedViT, config: ModelConfig, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, gates (N, G, H)) of the gated model's masked eval path."""
+    preds, gates = [], []
+    for batch in _batches(images, batch_size):
+        out = model(config.preprocess(batch))
+        preds.append(out.logits.argmax(-1))
+        gates.append(out.gates)
+    return torch.cat(preds), torch.cat(gates)
+
+
+@torch.no_grad()
+def predictions(vit: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([vit(config.preprocess(batch)).argmax(-1) for batch in _batches(images, batch_size)])
+
+
+def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds: int = 5) -> dict[str, Any]:
+    if not (finetune.MODEL / "model.safetensors").exists() or not download.dataset_split("test").exists():
+        raise PipelineError(f"{finetune.MODEL} or {download.DATASET} is missing: run `dvc repro finetune` first")
+    model, config = load_gated_vit(finetune.MODEL)
+    unknown = [c for c in classes if c not in config.class_names]
+    if unknown or not classes:
+        raise PipelineError(f"unknown class(es) {unknown or classes}; this model's classes include {config.class_names[:8]}")
+    ids = torch.tensor([config.class_names.index(c) for c in classes])
+    train, test = load_images(download.dataset_split("train")), load_images(download.dataset_split("test"))
+    chosen_train = torch.isin(train.labels, ids)
+    _, train_gates = gated_outputs(model, config, train.images[chosen_train], batch_size)
+    kept = majority_heads(train_gates)
+    compact = prune(model, kept)
+
+    dense_pred, test_gates = gated_outputs(model, config, test.images, batch_size)
+    pruned_pred = predictions(compact, config, test.images, batch_size)
+    chosen = torch.isin(test.labels, ids)
+
+    def accuracy(pred: torch.Tensor, rows: torch.Tensor) -> float:
+        return float((pred[rows] == test.labels[rows]).double().mean())
+
+    fm = flop_model(model)
+    decision = 2.0 * model.vit.embed_dim * model.num_heads * (model.depth - model.keep_layers)  # gone from the compact model
+    kept_counts = [float(model.num_heads)] * model.keep_layers + [float(len(k)) for k in kept]
+    gated_kept = [float(model.num_heads)] * model.keep_layers + test_gates[chosen].sum(-1).double().mean(0).tolist()
+    sample = test.images[chosen][:32]
+    timings = {}
+    for batch in (32, 1):
+        x = config.preprocess(sample[:batch])
+        timings[batch] = {"gated": latency(lambda t: model(t), x, latency_rounds), "compact": latency(compact, x, latency_rounds)}
+    pattern_match = (test_gates[chosen] == torch.stack([torch.isin(torch.arange(model.num_heads), torch.tensor(k, dtype=torch.long))
+                                                        for k in kept]).to(test_gates.dtype)).all(-1).all(-1)
+    result = {
+        "classes": classes,
+        "kept_heads": {f"block{model.keep_layers + i}": k for i, k in enumerate(kept)},
+        "heads_kept": int(sum(len(k) for k in kept)),
+        "heads_gated": (model.depth - model.keep_layers) * model.num_heads,
+        "test_images": {"chosen_classes": int(chosen.sum()), "all": len(test.labels)},
+        "accuracy": {
+            "gated": {"chosen_classes": accuracy(dense_pred, chosen), "all": accuracy(dense_pred, torch.ones_like(chosen))},
+            "compact": {"chosen_classes": accuracy(pruned_pred, chosen), "all": accuracy(pruned_pred, torch.ones_like(chosen))},
+        },
+        "chosen_images_whose_gates_match_the_kept_heads": float(pattern_match.double().mean()),
+        "gflops": {
+            "dense": (fm.dense - decision) / 1e9,
+            "gated_if_heads_were_skipped": fm.image(gated_kept) / 1e9,
+            "compact": (fm.image(kept_counts) - decision) / 1e9,
+        },
+        "latency_ms": {f"batch{b}": {k: 1000 * v for k, v in t.items()} for b, t in timings.items()},
+        "latency_note": f"median of {latency_rounds} calls on {torch.get_num_threads()} CPU threads; gated = the masked path (every head computed)",
+        "heads_chosen_on": "train",
+        "reported_on": "test",
+    }
+    save_pruned(out, compact, config, model.keep_layers, kept, {"classes": classes})
+    write_json(out / "export.json", rounded(result))
+    return result
+
+
+def describe(result: dict[str, Any]) -> str:
+    acc, fl, lat = result["accuracy"], result["gflops"], result["latency_ms"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = [
+        f"classes {', '.join(result['classes'])}: {result['heads_kept']} of {result['heads_gated']} gated heads kept "
+        f"(majority of their training images); " + "; ".join(f"{b}: {k}" for b, k in result["kept_heads"].items()),
+        "| model | accuracy, these classes | accuracy, all classes | GFLOPs per image | latency batch 32 | batch 1 |",
+        "|---|---|---|---|---|---|",
+        f"| gated (masked path) | {pct(acc['gated']['chosen_classes'])} | {pct(acc['gated']['all'])} | {fl['dense']:.4g} computed "
+        f"({fl['gated_if_heads_were_skipped']:.4g} if skipped) | {lat['batch32']['gated']:.1f} ms | {lat['batch1']['gated']:.2f} ms |",
+        f"| compact | {pct(acc['compact']['chosen_classes'])} | {pct(acc['compact']['all'])} | {fl['compact']:.4g} | "
+        f"{lat['batch32']['compact']:.1f} ms | {lat['batch1']['compact']:.2f} ms |",
+        f"{pct(result['chosen_images_whose_gates_match_the_kept_heads'])} of these classes' test images have exactly the kept heads' gates "
+        "(on those the two models agree).",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Class-specific compact models: a plain timm ViT whose gated blocks keep fixed heads.
+
+`pipeline export-pruned --classes A,B` picks, in every gated block, the heads that a majority of
+those classes' training images keep, and writes a model in which each such block's attention
+*is* those heads: the qkv rows and projection columns of the others are gone, and a block that
+keeps no head has no attention left but the projection's bias. There are no decision networks
+and no gates: `load_pruned` rebuilds it from timm's architecture and this module alone.
+
+On an image whose gates equal the kept heads in every block, the compact model computes what the
+gated model computes (tests/test_pruned.py); on other images it is a different, cheaper model,
+and its accuracy on the chosen classes and on all classes is what the export reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import PipelineError
+from pipeline.gated_vit import GatedViT, ModelConfig, create_vit
+from pipeline.storage import load_weights, save_weights
+
+FORMAT = "pruned-vit-1"
+
+
+class KeptHeadsAttention(nn.Module):
+    """A timm `Attention` reduced to some of its heads (eval semantics: no dropout)."""
+
+    def __init__(self, dim: int, kept: int, head_dim: int, qkv_bias: bool, proj_bias: bool):
+        super().__init__()
+        self.kept, self.head_dim, self.dim = kept, head_dim, dim
+        self.qkv = nn.Linear(dim, 3 * kept * head_dim, bias=qkv_bias) if kept else None
+        self.proj = nn.Linear(kept * head_dim, dim, bias=proj_bias) if kept else None
+        # with no head kept only the projection's bias reaches the stream
+        self.proj_bias_only = nn.Parameter(torch.zeros(dim)) if (not kept and proj_bias) else None
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, heads: list[int]) -> KeptHeadsAttention:
+        d, dim = attn.head_dim, attn.proj.out_features
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise PipelineError("export-pruned supports timm attention without q/k norms or a norm over heads")
+        out = cls(dim, len(heads), d, attn.qkv.bias is not None, attn.proj.bias is not None)
+        with torch.no_grad():
+            if heads:
+                rows = (torch.tensor(heads)[:, None] * d + torch.arange(d)).flatten()
+                width = attn.num_heads * d
+                qkv_rows = torch.cat([rows, rows + width, rows + 2 * width])
+                out.qkv.weight.copy_(attn.qkv.weight[qkv_rows])
+                if attn.qkv.bias is not None:
+                    out.qkv.bias.copy_(attn.qkv.bias[qkv_rows])
+                out.proj.weight.copy_(attn.proj.weight[:, rows])
+                if attn.proj.bias is not None:
+                    out.proj.bias.copy_(attn.proj.bias)
+            elif attn.proj.bias is not None:
+                out.proj_bias_only.copy_(attn.proj.bias)
+        return out
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape
+        if not self.kept:
+            out = x.new_zeros(b, n, self.dim)
+            return out if self.proj_bias_only is None else out + self.proj_bias_only
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.kept, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.kept * self.head_dim))
+
+
+def majority_heads(gates: Tensor) -> list[list[int]]:
+    """(N, gated blocks, H) eval gates of the chosen images -> per gated block the heads more
+    than half of them keep."""
+    keep = gates.float().mean(0) > 0.5
+    return [torch.nonzero(row).flatten().tolist() for row in keep]
+
+
+def prune(model: GatedViT, kept: list[list[int]]) -> nn.Module:
+    """A copy of the gated model's timm ViT in which gated block b keeps heads kept[b - keep_layers]."""
+    if len(kept) != model.depth - model.keep_layers:
+        raise PipelineError(f"kept heads given for {len(kept)} blocks; the model gates {model.depth - model.keep_layers}")
+    vit = copy.deepcopy(model.vit).eval()
+    for offset, heads in enumerate(kept):
+        block = vit.blocks[model.keep_layers + offset]
+        block.attn = KeptHeadsAttention.from_timm(block.attn, heads)
+    return vit
+
+
+def save_pruned(directory: Path | str, vit: nn.Module, config: ModelConfig, keep_layers: int, kept: list[list[int]], info: dict[str, Any]) -> None:
+    save_weights(directory, vit.state_dict(), {
+        "format": FORMAT, "model": config.to_json(), "keep_layers": keep_layers, "kept_heads": kept, **info,
+    })
+
+
+def load_pruned(directory: Path | str) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """A compact model written by `export-pruned`: timm's ViT with the kept heads' attention."""
+    state, raw = load_weights(directory)
+    if raw.get("format") != FORMAT:
+        raise PipelineError(f"{directory}/config.json: not a model written by `pipeline export-pruned`")
+    config = ModelConfig.from_json(raw["model"])
+    vit = create_vit(config.timm_name, config.num_classes, pretrained=False, **asdict(config.shape))
+    for offset, heads in enumerate(raw["kept_heads"]):
+        attn = vit.blocks[raw["keep_layers"] + offset].attn
+        vit.blocks[raw["keep_layers"] + offset].attn = KeptHeadsAttention(
+            attn.proj.out_features, len(heads), attn.head_dim, attn.qkv.bias is not None, attn.proj.bias is not None)
+    vit.load_state_dict(state)
+    return vit.eval(), config, raw
+
+
+def latency(fn, images: Tensor, rounds: int = 5) -> float:
+    """Median seconds of one call (after one warm-up)."""
+    fn(images)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(images)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
