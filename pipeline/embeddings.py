@@ -12,6 +12,7 @@ Layout of data/embeddings/{train,test}.parquet (written by the `extract` stage):
 | gates         | fixed_size_list<bool>[H]          | final block's eval gates (logit > 0)       |
 | x             | fixed_size_list<float32>[D]       | CLS token entering the final block          |
 | x_block<i>    | fixed_size_list<float32>[D]       | CLS token entering block i (extract.layers)|
+| kept_per_block| fixed_size_list<int8>[G]          | heads kept in each of the G gated blocks (for FLOPs per image; absent in files written before it) |
 
 Schema metadata (JSON values): `model_hash`, `layer` (index of the final block), `dim` (D),
 `num_heads` (H), `class_names`, `split`, `extra_layers`.
@@ -42,7 +43,7 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-def embedding_schema(dim: int, num_heads: int, extra_layers: list[int], meta: dict[str, Any]) -> pa.Schema:
+def embedding_schema(dim: int, num_heads: int, extra_layers: list[int], meta: dict[str, Any], gated_blocks: int = 0) -> pa.Schema:
     fields = [
         pa.field("index", pa.int64()),
         pa.field("label", pa.int32()),
@@ -53,6 +54,8 @@ def embedding_schema(dim: int, num_heads: int, extra_layers: list[int], meta: di
         pa.field("x", pa.list_(pa.float32(), dim)),
     ]
     fields += [pa.field(f"x_block{i}", pa.list_(pa.float32(), dim)) for i in extra_layers]
+    if gated_blocks:
+        fields.append(pa.field("kept_per_block", pa.list_(pa.int8(), gated_blocks)))
     return with_metadata(pa.schema(fields), meta)
 
 
@@ -87,6 +90,9 @@ class EmbeddingTable:
     """(N,) int64 rows in the data set."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Schema metadata: model_hash, layer, dim, num_heads, class_names, split, extra_layers."""
+    kept_per_block: torch.Tensor | None = None
+    """(N, G) int8 heads kept in each gated block, when the file has the column."""
+    """Schema metadata: model_hash, layer, dim, num_heads, class_names, split, extra_layers."""
 
     @property
     def dim(self) -> int:
@@ -118,7 +124,7 @@ def read_embeddings(path: Path | str) -> EmbeddingTable:
 
     `x` shares memory with the Arrow buffers when Arrow allows (no copy): treat it as read-only.
     """
-    table, meta = read_table(path, REQUIRED_COLUMNS)
+    table, meta = read_table(path, REQUIRED_COLUMNS, optional=("kept_per_block",))
     for key in ("dim", "num_heads", "class_names", "layer"):
         if key not in meta:
             raise PipelineError(f"{path}: schema metadata lacks '{key}'; not written by `extract`")
@@ -135,4 +141,5 @@ def read_embeddings(path: Path | str) -> EmbeddingTable:
         gates=_tensor(fixed_list_to_numpy(table.column("gates")).astype(bool)),
         index=_tensor(table.column("index").to_numpy()),
         meta=meta,
+        kept_per_block=(_tensor(fixed_list_to_numpy(table.column("kept_per_block"))) if "kept_per_block" in table.column_names else None),
     )

@@ -46,6 +46,7 @@ def batch_records(model: GatedViT, images: Tensor, config: ModelConfig, extra_la
         "gate_logits": out.gate_logits[:, -1].float(),
         "gates": out.gates[:, -1] > 0,
         "x": out.cls_inputs[final].float(),
+        "kept_per_block": out.gates.sum(-1).to(torch.int8),
     }
     columns.update({f"x_block{i}": out.cls_inputs[i].float() for i in extra_layers})
     return {k: v.cpu().numpy() for k, v in columns.items()}
@@ -66,7 +67,7 @@ def extract_split(
     """Write `out_path` (one row group per batch). `meta` goes into the schema metadata."""
     model.eval().to(device)
     dim, heads = model.vit.embed_dim, model.num_heads
-    schema = embedding_schema(dim, heads, list(extra_layers), meta)
+    schema = embedding_schema(dim, heads, list(extra_layers), meta, gated_blocks=model.depth - model.keep_layers)
     # Arrow's default mimalloc pool keeps the pages of every freed batch next to torch's own
     # allocations (RSS grew ~10 MB per 1000 images); the system allocator keeps it flat.
     previous_pool = pa.default_memory_pool()
@@ -92,5 +93,5 @@ def _write_batches(model, images, labels, index, config, out_path, schema, meta,
                 _fixed_list(cols["gate_logits"]),
                 _fixed_list(cols["gates"]),
                 _fixed_list(cols["x"]),
-            ] + [_fixed_list(cols[f"x_block{i}"]) for i in extra_layers]
+            ] + [_fixed_list(cols[f"x_block{i}"]) for i in extra_layers] + [_fixed_list(cols["kept_per_block"])]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=batch_size)

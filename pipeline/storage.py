@@ -144,11 +144,13 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
-def read_table(path: Path | str, required: Mapping[str, pa.DataType]) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a whole Parquet table (checked like `open_parquet`) plus its decoded metadata."""
+def read_table(path: Path | str, required: Mapping[str, pa.DataType], optional: tuple[str, ...] = ()) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a whole Parquet table (checked like `open_parquet`) plus its decoded metadata: the
+    `required` columns (all columns if none) and those of `optional` the file has."""
     pf = open_parquet(path, required)
+    present = [name for name in optional if name in pf.schema_arrow.names]
     try:
-        table = pf.read(columns=list(required) or None)
+        table = pf.read(columns=(list(required) + present) or None)
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt") from None
     return table, metadata_dict(pf.schema_arrow)

@@ -102,3 +102,20 @@ def test_layer_beyond_the_model_is_a_parameter_error(workdir, tmp_path, tiny_par
     monkeypatch.chdir(tmp_path / "w")
     with pytest.raises(ParamsError, match="extract.layers"):
         extract.run(tiny_params(extract={"layers": [7]}))
+
+
+def test_gflops_per_image_follow_every_blocks_kept_heads_and_finetunes_usage(workdir):
+    """extract's GFLOPs come from each image's kept heads in every block; their test mean equals
+    what finetune computes from its per-block usage (same FLOP model, same gates)."""
+    model, _ = load_gated_vit(workdir / "models/vit")
+    test = read_embeddings(workdir / "data/embeddings/test.parquet")
+    assert test.kept_per_block.shape == (32, model.depth - model.keep_layers)
+    assert torch.equal(test.kept_per_block[:, -1].long(), test.gates.sum(1))  # final block: its stored gates
+    gflops = json.loads((workdir / "metrics/details/extract.json").read_text())["gflops"]
+    finetune_metrics = json.loads((workdir / "metrics/details/finetune.json").read_text())
+    assert gflops["test"] == pytest.approx(finetune_metrics["gflops"], rel=1e-9)
+    assert gflops["dense"] == pytest.approx(finetune_metrics["gflops_dense"], rel=1e-12)
+    per_class = [v for v in gflops["per_class_test"].values() if v is not None]
+    counts = torch.bincount(test.labels, minlength=len(gflops["per_class_test"]))
+    weighted = sum(v * int(n) for v, n in zip(gflops["per_class_test"].values(), counts) if v is not None) / int(counts.sum())
+    assert len(per_class) == 4 and weighted == pytest.approx(gflops["test"], rel=1e-9)

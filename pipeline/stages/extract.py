@@ -27,6 +27,7 @@ from pipeline.checks import same_classes
 from pipeline.dataset import ImageSet, available_splits, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
+from pipeline.flops import FlopModel, flop_model
 from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
 from pipeline.layout import download, finetune
 from pipeline.layout import extract as files
@@ -103,7 +104,7 @@ def run(params: Params) -> None:
         extract_sharded(model, config, metas, ep.batch_size, device, extra, dist_info)
 
     if dist_info.is_main:
-        write_metrics(model_hash, splits)
+        write_metrics(model_hash, splits, flop_model(model), model.keep_layers)
     finish_distributed(dist_info)
 
 
@@ -127,14 +128,15 @@ def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_siz
         return
     with atomic_path(files.EMBEDDINGS, directory=True) as tmp:
         for split in metas:
-            schema = embedding_schema(model.vit.embed_dim, model.num_heads, list(extra), metas[split])
+            schema = embedding_schema(model.vit.embed_dim, model.num_heads, list(extra), metas[split],
+                                      gated_blocks=model.depth - model.keep_layers)
             shards = [SHARD_DIR / f"{split}.rank{r}.parquet" for r in range(dist_info.world)]
             merge_shards(shards, tmp / f"{split}.parquet", schema, sizes[split], batch_size)
     shutil.rmtree(SHARD_DIR, ignore_errors=True)
     log.info("merged %d shards per split into %s", dist_info.world, files.EMBEDDINGS)
 
 
-def write_metrics(model_hash: str, splits: tuple[str, ...]) -> None:
+def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, keep_layers: int) -> None:
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
     tables = {split: read_embeddings(files.embeddings_split(split)) for split in splits}
     test = tables["test"]
@@ -157,5 +159,22 @@ def write_metrics(model_hash: str, splits: tuple[str, ...]) -> None:
             "head_usage": test.head_usage,
             "train_accuracy": tables["train"].accuracy,
             "consistent_with_finetune": consistent,
+            "gflops": gflops_per_image(tables, flops, keep_layers),
         },
     )
+
+
+def gflops_per_image(tables: dict, flops: FlopModel, keep_layers: int) -> dict:
+    """Mean matmul GFLOPs per image from every block's kept heads (pipeline.flops), per split
+    and per test class: what a head-skipping path spends, beside the dense model."""
+    def per_image(table) -> torch.Tensor:
+        kept = table.kept_per_block.double()
+        ungated = torch.full((len(kept), keep_layers), float(flops.num_heads), dtype=torch.float64)
+        return (flops.fixed + torch.cat([ungated, kept], 1) @ torch.tensor(flops.per_head, dtype=torch.float64)) / 1e9
+
+    out = {"dense": flops.dense / 1e9, **{split: float(per_image(t).mean()) for split, t in tables.items()}}
+    test = tables["test"]
+    cost = per_image(test)
+    out["per_class_test"] = {name: float(cost[test.labels == c].mean()) if (test.labels == c).any() else None
+                             for c, name in enumerate(test.class_names)}
+    return out
