@@ -108,15 +108,43 @@ def thresholded(projections: Tensor, rates: Tensor) -> Tensor:
     return (projections - cut).clamp_min(0)
 
 
-def direction_purity(x: Tensor, directions: Tensor, rates: Tensor, labels: Tensor, n_classes: int, chunk: int = 256) -> Purity:
+def direction_purity(x: Tensor, directions: Tensor, rates: Tensor, labels: Tensor, n_classes: int,
+                     top_n: int = 16, chunk: int = 256) -> tuple[Purity, Tensor]:
     """Purity of (M, D) directions on embeddings x (N, D), direction i firing on a rates[i]
-    fraction of the images (the paired SAE latent's). Chunked over directions."""
+    fraction of the images (the paired SAE latent's), and the top-N gallery's label share
+    (`top_label_share`). Chunked over directions."""
     centred = x.double() - x.double().mean(0)
-    masses = []
+    masses, shares = [], []
     for start in range(0, directions.shape[0], chunk):
         proj = centred @ directions[start:start + chunk].double().T
-        masses.append(class_mass(thresholded(proj, rates[start:start + chunk].double()), labels, n_classes))
-    return class_purity(torch.cat(masses) if masses else torch.zeros(0, n_classes))
+        acts = thresholded(proj, rates[start:start + chunk].double())
+        masses.append(class_mass(acts, labels, n_classes))
+        shares.append(top_label_share(top_rows(acts, top_n), labels))
+    if not masses:
+        return class_purity(torch.zeros(0, n_classes)), torch.zeros(0, dtype=torch.float64)
+    return class_purity(torch.cat(masses)), torch.cat(shares)
+
+
+def top_label_share(rows: Tensor, labels: Tensor) -> Tensor:
+    """(M, N) gallery rows (-1: empty) -> per direction, the share of its gallery images that
+    belong to the gallery's most common class (NaN for an empty gallery): what a person looking
+    at the top images sees, where purity weighs every image the direction fires on."""
+    valid = rows >= 0
+    classes = torch.where(valid, labels[rows.clamp_min(0)], -1)
+    n_classes = int(labels.max()) + 2
+    counts = torch.zeros(rows.shape[0], n_classes, dtype=torch.float64)
+    counts.scatter_add_(1, (classes + 1).long(), valid.double())
+    top = counts[:, 1:].max(1).values
+    size = valid.sum(1).double()
+    return torch.where(size > 0, top / size.clamp_min(1), torch.full_like(top, float("nan")))
+
+
+def top_rows(activations: Tensor, n: int) -> Tensor:
+    """(N, M) activations -> (M, n) rows of each column's n largest positive values (stable:
+    ties to the lower row), -1 where fewer than n are positive."""
+    order = torch.sort(activations, dim=0, descending=True, stable=True)
+    values, rows = order.values[:n].T, order.indices[:n].T
+    return torch.where(values > 0, rows, -1)
 
 
 def random_directions(count: int, dim: int, seed: int) -> Tensor:
@@ -134,15 +162,18 @@ def pca_directions(x: Tensor, count: int) -> Tensor:
     return signed[:count]
 
 
-def purity_summary(purity: Purity) -> dict[str, float]:
+def purity_summary(purity: Purity, gallery_share: Tensor) -> dict[str, float]:
     fired = purity.label >= 0
     p = purity.purity[fired]
+    share = gallery_share[~torch.isnan(gallery_share)]
     if not len(p):
-        return {"count": 0, "mean": 0.0, "median": 0.0, "q10": 0.0, "q90": 0.0, "above_half": 0.0, "entropy_mean": 0.0}
+        return {"count": 0, "mean": 0.0, "median": 0.0, "q10": 0.0, "q90": 0.0, "above_half": 0.0, "entropy_mean": 0.0,
+                "gallery_share": 0.0}
     q = torch.quantile(p, torch.tensor([0.1, 0.5, 0.9], dtype=p.dtype))
     return {
         "count": int(fired.sum()), "mean": float(p.mean()), "median": float(q[1]), "q10": float(q[0]),
         "q90": float(q[2]), "above_half": float((p > 0.5).double().mean()), "entropy_mean": float(purity.entropy[fired].mean()),
+        "gallery_share": float(share.mean()) if len(share) else 0.0,
     }
 
 

@@ -305,13 +305,15 @@ def _interpretation(explained: dict[str, Any], head_names: list[str], mode: str)
         "class). The same statistics for random and PCA directions of the embeddings, each firing on the same fraction "
         "of images as a paired SAE latent, say whether the SAE's basis is more class-pure than a rotation:",
         "",
-        "| basis | directions | mean purity | median | 10% / 90% | purity > 0.5 |",
-        "|---|---|---|---|---|---|",
+        "| basis | directions | mean purity | median | 10% / 90% | purity > 0.5 | top-image class share |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in (("SAE latents (alive)", sae), ("random directions", rnd), ("PCA directions (both signs)", pca)):
         lines.append(f"| {name} | {row['count']} | {row['mean']:.3f} | {row['median']:.3f} | {row['q10']:.3f} / {row['q90']:.3f} | "
-                     f"{100 * row['above_half']:.0f}% |")
-    lines += ["", f"A direction that ignores the class would have purity about {chance:.3f} (the largest class's share)."]
+                     f"{100 * row['above_half']:.0f}% | {row.get('gallery_share', 0.0):.3f} |")
+    lines += ["", f"A direction that ignores the class would have purity about {chance:.3f} (the largest class's share). "
+              "Top-image class share: of each direction's most activating training images (its gallery), the share in its "
+              "most common class, which is what a person looking at the gallery sees."]
     cards = explained["cards"]
     if cards:
         lines += ["", "### Class cards", "",

@@ -97,13 +97,13 @@ def test_the_sae_basis_is_purer_than_random_and_pca_directions_when_data_is_buil
     x[:, 7] = 5.0 * torch.randn(len(labels), generator=gen, dtype=torch.float64)
     class_dirs = torch.eye(dim, dtype=torch.float64)[:n_classes]
     rates = torch.full((n_classes,), 0.25, dtype=torch.float64)
-    aligned = it.direction_purity(x, class_dirs, rates, labels, n_classes)
-    assert aligned.label.tolist() == [0, 1, 2, 3] and aligned.purity.min() > 0.99
-    random = it.direction_purity(x, it.random_directions(32, dim, seed=0), torch.full((32,), 0.25, dtype=torch.float64), labels, n_classes)
+    aligned, aligned_share = it.direction_purity(x, class_dirs, rates, labels, n_classes, top_n=10)
+    assert aligned.label.tolist() == [0, 1, 2, 3] and aligned.purity.min() > 0.99 and (aligned_share == 1).all()
+    random, _ = it.direction_purity(x, it.random_directions(32, dim, seed=0), torch.full((32,), 0.25, dtype=torch.float64), labels, n_classes)
     assert random.purity.mean() < 0.6
     pca = it.pca_directions(x, 2)
     assert abs(float(pca[0, 7])) > 0.99 and torch.allclose(pca[1], -pca[0])  # the nuisance, both signs
-    pca_purity = it.direction_purity(x, pca, torch.full((2,), 0.25, dtype=torch.float64), labels, n_classes)
+    pca_purity, _ = it.direction_purity(x, pca, torch.full((2,), 0.25, dtype=torch.float64), labels, n_classes)
     assert pca_purity.purity.max() < 0.5
 
 
@@ -189,3 +189,12 @@ def test_compare_shifts_pairs_alpha_times_unit_shift_with_the_keep_change_from_a
 def test_pushes_names_the_strongest_heads_at_the_mean_activation():
     interp = _interp(np.zeros((1, 2)), np.zeros((1, 2)))
     assert pushes(interp, 0, ["h0", "h1"]) == "h1 off (-2), h0 on (+1)"
+
+
+def test_top_label_share_counts_the_most_common_class_among_gallery_images():
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    rows = torch.tensor([[0, 1, 2, -1], [2, 4, 3, 0], [-1, -1, -1, -1]])
+    share = it.top_label_share(rows, labels)
+    assert share[:2].tolist() == pytest.approx([2 / 3, 0.5]) and torch.isnan(share[2])
+    acts = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 0.0]])
+    assert it.top_rows(acts, 2).tolist() == [[1, 2], [0, 1]]  # the tie goes to the lower row

@@ -67,7 +67,7 @@ def run(params: Params) -> None:
 
     sae_purity = it.class_purity(train_stats.value_sum_class.T)
     alive = train_stats.alive
-    baselines = baseline_purities(train, train_stats.freq_all[alive], n_classes, ip.baseline_seed)
+    baselines = baseline_purities(train, train_stats.freq_all[alive], n_classes, ip.baseline_seed, ip.top_n)
     with torch.no_grad():
         weight = model.decision_net(model.depth - 1).weight.detach().double()
         attribution = it.head_attribution(weight, sae.decoder_directions().detach().double())
@@ -79,8 +79,9 @@ def run(params: Params) -> None:
     write_shifts(shifts, class_names, model.num_heads)
 
     chance = float(train_stats.class_counts.max() / train_stats.class_counts.sum())
-    summaries = {"sae": it.purity_summary(it.Purity(sae_purity.label[alive], sae_purity.purity[alive], sae_purity.entropy[alive])),
-                 **{name: it.purity_summary(p) for name, p in baselines.items()}}
+    sae_share = it.top_label_share(top.rows, train.labels)[alive]
+    summaries = {"sae": it.purity_summary(it.Purity(sae_purity.label[alive], sae_purity.purity[alive], sae_purity.entropy[alive]), sae_share),
+                 **{name: it.purity_summary(*found) for name, found in baselines.items()}}
     write_json(files.METRICS, rounded({"purity": summaries["sae"]["mean"], "purity_pca": summaries["pca"]["mean"]}))
     write_json(files.DETAILS, rounded({
         "purity": summaries,
@@ -98,8 +99,8 @@ def run(params: Params) -> None:
     }))
     draw_latent_grid(top_sets["global"][: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)
     plots.purity_histograms(
-        {"SAE latents": sae_purity.purity[alive], "random directions": baselines["random"].purity,
-         "PCA directions": baselines["pca"].purity},
+        {"SAE latents": sae_purity.purity[alive], "random directions": baselines["random"][0].purity,
+         "PCA directions": baselines["pca"][0].purity},
         chance, files.PURITY_PLOT,
     )
     log.info("purity: SAE %.3f, random %.3f, PCA %.3f (largest class share %.3f)",
@@ -119,7 +120,7 @@ def stream_train(sae: SparseAutoencoder, train: EmbeddingTable, n_classes: int, 
     return top, stats
 
 
-def baseline_purities(train: EmbeddingTable, rates: torch.Tensor, n_classes: int, seed: int) -> dict[str, it.Purity]:
+def baseline_purities(train: EmbeddingTable, rates: torch.Tensor, n_classes: int, seed: int, top_n: int) -> dict[str, tuple[it.Purity, torch.Tensor]]:
     """Random and PCA directions, each paired with an alive latent's firing rate (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     shuffled = rates[torch.randperm(len(rates), generator=gen)]
@@ -127,8 +128,8 @@ def baseline_purities(train: EmbeddingTable, rates: torch.Tensor, n_classes: int
     random_dirs = it.random_directions(len(rates), x.shape[1], seed).float()
     pca_dirs = it.pca_directions(x, len(rates)).float()
     return {
-        "random": it.direction_purity(x, random_dirs, shuffled, train.labels, n_classes),
-        "pca": it.direction_purity(x, pca_dirs, shuffled[: len(pca_dirs)], train.labels, n_classes),
+        "random": it.direction_purity(x, random_dirs, shuffled, train.labels, n_classes, top_n),
+        "pca": it.direction_purity(x, pca_dirs, shuffled[: len(pca_dirs)], train.labels, n_classes, top_n),
     }
 
 
