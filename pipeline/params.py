@@ -368,7 +368,7 @@ class Params(Section):
     extract: ExtractParams
     sae: SaeParams
     stats: StatsParams
-    interpret: InterpretParams = InterpretParams()
+    interpret: InterpretParams
     steer: SteerParams
 
     @model_validator(mode="after")

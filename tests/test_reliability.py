@@ -58,15 +58,15 @@ from pipeline.cli import app
 from pipeline.gated_vit import build_gated_vit, model_config
 from pipeline.params import Params, parse_params
 from pipeline.runtime import seed_everything
-from pipeline.stages import download, extract, finetune, latent_stats, steer, train_sae
+from pipeline.stages import download, extract, finetune, interpret, latent_stats, steer, train_sae
 from pipeline.strategies import STRATEGIES
 
 from conftest import REPO_ROOT, TINY_PARAMS, _merge, reliability_case
 
 runner = CliRunner()
-COMMANDS = ["download", "finetune", "extract", "train-sae", "latent-stats", "steer", "validate"]
+COMMANDS = ["download", "finetune", "extract", "train-sae", "latent-stats", "interpret", "steer", "validate"]
 STAGES = {"download": download, "finetune": finetune, "extract": extract, "train-sae": train_sae,
-          "latent-stats": latent_stats, "steer": steer}
+          "latent-stats": latent_stats, "interpret": interpret, "steer": steer}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PIPELINE_LOG": "WARNING", "PYTHONPATH": str(REPO_ROOT)}
 KILL_TIMEOUT = 300  # seconds a subprocess may take to reach the point where it is killed
 
@@ -478,16 +478,16 @@ def _cases() -> list[tuple[str, str, Callable[[Path], None], str, str]]:
     parquet = [(_missing, MISSING), (_empty, UNREADABLE), (_truncated, UNREADABLE), (_retype_label, SCHEMA)]
     cases = []
     readers = {
-        "data/dataset/train.parquet": ["finetune", "extract"],
+        "data/dataset/train.parquet": ["finetune", "extract", "interpret"],
         "data/dataset/test.parquet": ["finetune", "extract", "steer"],
-        "data/embeddings/train.parquet": ["train-sae", "latent-stats"],
-        "data/embeddings/test.parquet": ["train-sae", "latent-stats", "steer"],
+        "data/embeddings/train.parquet": ["train-sae", "latent-stats", "interpret"],
+        "data/embeddings/test.parquet": ["train-sae", "latent-stats", "interpret", "steer"],
     }
     for path, commands in readers.items():
         extra = [(_drop_column("image"), SCHEMA)] if "dataset" in path else [(_drop_column("x"), SCHEMA), (_widen_x, r"dim|width")]
         for command in commands:
             cases += [(command, path, fn, what, path) for fn, what in parquet + extra]
-    for command in ("extract", "steer"):
+    for command in ("extract", "interpret", "steer"):
         cases += [
             (command, "models/vit", _missing, MISSING, "models/vit"),
             (command, "models/vit/config.json", _missing, MISSING, "models/vit/config.json"),
@@ -501,7 +501,7 @@ def _cases() -> list[tuple[str, str, Callable[[Path], None], str, str]]:
             (command, "models/vit/model.safetensors", _truncated, UNREADABLE, "models/vit/model.safetensors"),
             (command, "models/vit/model.safetensors", _pickle_bytes, UNREADABLE, "models/vit/model.safetensors"),
         ]
-    for command in ("latent-stats", "steer"):
+    for command in ("latent-stats", "interpret", "steer"):
         cases += [
             (command, "models/sae", _missing, MISSING, "models/sae"),
             (command, "models/sae/config.json", _empty, UNREADABLE, "models/sae/config.json"),
@@ -517,6 +517,9 @@ def _cases() -> list[tuple[str, str, Callable[[Path], None], str, str]]:
         ("steer", top_sets, _truncated, UNREADABLE, top_sets),
         ("steer", top_sets, _json(per_class={}), r"malformed", top_sets),
         ("steer", top_sets, _json(n_latents=3), r"latents", top_sets),
+        ("interpret", top_sets, _missing, MISSING, top_sets),
+        ("interpret", top_sets, _truncated, UNREADABLE, top_sets),
+        ("interpret", top_sets, _json(per_class={}), r"malformed", top_sets),
     ]
     return cases
 

@@ -74,6 +74,7 @@ def run(params: Params) -> None:
         test_stats = st.encode_stats(sae.encode_sparse, test.x, test.labels, n_latents, n_classes, ip.batch_size, desc="encode test")
     shifts = unit_shifts(top_sets, test_stats, attribution, class_names)
 
+    grid_rows = latent_grid_rows(top_sets["global"][: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)  # reads images first
     write_galleries(top, train)
     write_latents(train_stats, sae_purity, attribution, class_names)
     write_shifts(shifts, class_names, model.num_heads)
@@ -97,7 +98,7 @@ def run(params: Params) -> None:
         "baselines": "random: one unit direction per alive latent; pca: the leading principal directions "
                      "with both signs, at most 2 x width; each fires on the firing rate of a paired alive latent",
     }))
-    draw_latent_grid(top_sets["global"][: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)
+    plots.image_rows(grid_rows, files.LATENT_GRID, f"Global top set: each latent's {ip.grid_images} most activating training images")
     plots.purity_histograms(
         {"SAE latents": sae_purity.purity[alive], "random directions": baselines["random"][0].purity,
          "PCA directions": baselines["pca"][0].purity},
@@ -225,9 +226,13 @@ def gallery_images(latents: list[int], top: it.TopImages, count: int) -> tuple[l
     return per_latent, images, labels, n_rows
 
 
-def draw_latent_grid(latents: list[int], top: it.TopImages, stats: st.LatentStats, purity: it.Purity,
-                     class_names: list[str], ip: InterpretParams) -> None:
-    per_latent, images, _, n_rows = gallery_images(latents, top, ip.grid_images)
+def latent_grid_rows(latents: list[int], top: it.TopImages, stats: st.LatentStats, purity: it.Purity,
+                     class_names: list[str], ip: InterpretParams) -> list[tuple[str, np.ndarray]]:
+    """The global set's galleries as (title, images) rows, checked against the data set."""
+    try:
+        per_latent, images, labels, n_rows = gallery_images(latents, top, ip.grid_images)
+    except (IndexError, KeyError, ValueError, pa.ArrowException) as exc:
+        raise PipelineError(f"{download.dataset_split('train')}: cannot read the gallery images ({exc}); rerun download") from None
     if n_rows != stats.n_samples:
         raise PipelineError(f"{download.dataset_split('train')} has {n_rows} rows, {TRAIN} {stats.n_samples}; rerun extract")
     rows, offset = [], 0
@@ -235,4 +240,4 @@ def draw_latent_grid(latents: list[int], top: it.TopImages, stats: st.LatentStat
         label = class_names[int(purity.label[j])] if purity.label[j] >= 0 else "-"
         rows.append((latent_title(j, float(stats.freq_all[j]), label, float(purity.purity[j])), images[offset:offset + len(gallery)]))
         offset += len(gallery)
-    plots.image_rows(rows, files.LATENT_GRID, f"Global top set: each latent's {ip.grid_images} most activating training images")
+    return rows
