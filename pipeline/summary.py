@@ -63,7 +63,9 @@ def _git_json(rev: str, path: str, repo: Path) -> dict[str, Any]:
 
 def collect(pattern: str, repo: Path = Path(".")) -> list[RunRecord]:
     """The finished experiments whose name matches `pattern` (a regular expression)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
+    # -A: experiments of every commit, not only of HEAD (a sweep queued before the last commit
+    # is still a sweep of its configuration)
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
     if result.returncode != 0:
         raise PipelineError(f"`dvc exp show --json` failed: {result.stderr.strip()[-300:]}")
     regex = re.compile(pattern)
