@@ -191,6 +191,14 @@ class GatedViT(nn.Module):
 
 
 # ------------------------------------------------------------------- computing only kept heads
+def kept_head_rows(heads: Tensor, head_dim: int, num_heads: int) -> tuple[Tensor, Tensor]:
+    """For kept `heads` (1-D indices): their columns of the projection (= rows of q, k or v),
+    and their rows of the fused qkv weight (q, then k, then v)."""
+    rows = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+    width = num_heads * head_dim
+    return rows, torch.cat([rows, rows + width, rows + 2 * width])
+
+
 def attention_of_heads(attn: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
     """A timm `Attention`'s eval output when only `heads` (1-D indices) are kept, computing only
     them: their rows of `qkv` and their columns of `proj` (the projection bias stays, as in the
@@ -199,12 +207,10 @@ def attention_of_heads(attn: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
         raise PipelineError("computing kept heads only needs timm attention without a gate or a norm over all heads")
     b, n, _ = x.shape
     d = attn.head_dim
-    rows = (heads.to(x.device)[:, None] * d + torch.arange(d, device=x.device)).flatten()
+    rows, qkv_rows = kept_head_rows(heads.to(x.device), d, attn.num_heads)
     if rows.numel() == 0:  # no head kept: only the projection's bias reaches the stream
         out = x.new_zeros(b, n, attn.proj.out_features)
         return out if attn.proj.bias is None else out + attn.proj.bias
-    width = attn.num_heads * d
-    qkv_rows = torch.cat([rows, rows + width, rows + 2 * width])
     qkv_bias = attn.qkv.bias[qkv_rows] if attn.qkv.bias is not None else None
     qkv = F.linear(x, attn.qkv.weight[qkv_rows], qkv_bias).reshape(b, n, 3, len(heads), d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import GatedViT, ModelConfig, create_vit
+from pipeline.gated_vit import GatedViT, ModelConfig, create_vit, kept_head_rows
 from pipeline.storage import load_weights, save_weights
 
 FORMAT = "pruned-vit-1"
@@ -50,9 +50,7 @@ class KeptHeadsAttention(nn.Module):
         out = cls(dim, len(heads), d, attn.qkv.bias is not None, attn.proj.bias is not None)
         with torch.no_grad():
             if heads:
-                rows = (torch.tensor(heads)[:, None] * d + torch.arange(d)).flatten()
-                width = attn.num_heads * d
-                qkv_rows = torch.cat([rows, rows + width, rows + 2 * width])
+                rows, qkv_rows = kept_head_rows(torch.tensor(heads, dtype=torch.long), d, attn.num_heads)
                 out.qkv.weight.copy_(attn.qkv.weight[qkv_rows])
                 if attn.qkv.bias is not None:
                     out.qkv.bias.copy_(attn.qkv.bias[qkv_rows])
