@@ -164,6 +164,14 @@ def top_sets(freq: Tensor, top_k: int) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------- overlaps
+def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
+    """(len(sets), n_latents) bool mask of latent-index lists (the top sets as stored)."""
+    mask = torch.zeros(len(sets), n_latents, dtype=torch.bool)
+    for row, latents in enumerate(sets):
+        mask[row, torch.as_tensor(latents, dtype=torch.long)] = True
+    return mask
+
+
 def membership(sets: list[Tensor], n_latents: int) -> Tensor:
     """(S, L) bool one-hot matrix: row s marks the latents in sets[s]."""
     out = torch.zeros(len(sets), n_latents, dtype=torch.bool)

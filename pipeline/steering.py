@@ -23,6 +23,7 @@ from torch import Tensor
 from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.progress import progress
 from pipeline.sae import SparseAutoencoder
+from pipeline.stats import sets_to_mask
 from pipeline.strategies import STRATEGIES, LatentSets, SteerBatch, check_strategies
 
 
@@ -38,13 +39,6 @@ class Variant:
 def steering_mask(sets: LatentSets, variant: Variant, batch: SteerBatch) -> Tensor:
     """(B, n_latents) bool mask of the latents `variant` steers for these images."""
     return STRATEGIES[variant.strategy].mask(sets, batch, variant.draw)
-
-
-def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
-    mask = torch.zeros(len(sets), n_latents, dtype=torch.bool)
-    for row, latents in enumerate(sets):
-        mask[row, torch.as_tensor(latents, dtype=torch.long)] = True
-    return mask
 
 
 def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:

@@ -139,13 +139,10 @@ def unit_shifts(top_sets: dict, test_stats: st.LatentStats, attribution: torch.T
     test images at alpha = 1 when steered with its own set (`per_class`) or the global set."""
     n_latents = attribution.shape[0]
     try:
-        per_class = torch.zeros(len(class_names), n_latents, dtype=torch.bool)
-        for c, name in enumerate(class_names):
-            per_class[c, top_sets["per_class"][name]] = True
-        global_set = torch.zeros(n_latents, dtype=torch.bool)
-        global_set[top_sets["global"]] = True
+        per_class = st.sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents)
+        global_set = st.sets_to_mask([top_sets["global"]], n_latents)[0]
         mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float64)
-    except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
     counts = test_stats.class_counts.double().clamp_min(1)[:, None]
     mean_z = test_stats.value_sum_class / counts  # (C, L): E over the class's images, zeros included
