@@ -1,7 +1,9 @@
 """Inference with pruned heads: the head-skipping path against the masked path.
 
-The masked path (`GatedViT.forward`) computes every head and multiplies dropped ones by zero;
-`GatedViT.forward_skipping` groups the batch by gate pattern and computes only the kept heads.
+The masked path (`head_path = "masked"`) computes every head and multiplies dropped ones by
+zero; the skipping path (`head_path = "skipping"`, what `extract` and `steer` use on a CPU)
+groups the batch by gate pattern and computes only the kept heads, with each pattern's sliced
+weights built once and cached.
 At the paper's shape (ViT-S/16: width 384, 12 blocks, 6 heads, 197 tokens), with the decision
 networks set so that every gated block keeps k of 6 heads (usage 1.0, 0.67, 0.5, 0.33): the
 measured speed-up of skipping over masking beside the one the FLOP count predicts
@@ -44,6 +46,14 @@ def set_gates(model, kept: int, distinct: bool, seed: int = 0) -> None:
                 net.bias.copy_(torch.tensor([1.0 if h < kept else -1.0 for h in range(model.num_heads)]))
 
 
+def on_path(model, path: str):
+    """The model's eval forward on head path `path`."""
+    def forward(images: torch.Tensor):
+        model.head_path = path
+        return model(images)
+    return forward
+
+
 def timed(fn, images: torch.Tensor, rounds: int, repeat: int = 1) -> float:
     """Median seconds per call over `rounds` timings of `repeat` calls each."""
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
@@ -82,10 +92,10 @@ def main() -> None:
         for kept in kept_values:
             set_gates(model, kept, distinct)
             with torch.no_grad():
-                out = model(images)
-                model.forward_skipping(images)  # warm-up
-                masked = timed(model, images, args.rounds, args.repeat)
-                skipping = timed(model.forward_skipping, images, args.rounds, args.repeat)
+                out = on_path(model, "masked")(images)
+                on_path(model, "skipping")(images)  # warm-up (and the sliced weights cached)
+                masked = timed(on_path(model, "masked"), images, args.rounds, args.repeat)
+                skipping = timed(on_path(model, "skipping"), images, args.rounds, args.repeat)
             usage = float(out.gates.mean())
             kept_per_block = [6.0] * model.keep_layers + [float(k) for k in out.gates.sum(-1).mean(0)]
             predicted = fm.dense / fm.image(kept_per_block)

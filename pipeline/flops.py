@@ -9,7 +9,7 @@ on the math backend, the fused CPU kernel having no FLOP formula). Per block the
 
 so the mean FLOPs over images follow from the mean number of kept heads per block, i.e. from
 head usage. Dense = every head kept (what the masked path always computes); the head-computing
-path (`gated_vit.run_block_with_heads`) costs exactly `FlopModel.image(kept)`.
+path (`heads.run_block_with_heads`) costs exactly `FlopModel.image(kept)`.
 """
 
 from __future__ import annotations

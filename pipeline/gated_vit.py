@@ -9,6 +9,12 @@ untouched (a timm checkpoint loads into `GatedViT.vit` unchanged).
 
 Gates: training uses a Gumbel-sigmoid with hard straight-through decisions; eval keeps a head
 iff its logit is > 0.
+
+Eval forwards can instead skip the dropped heads (`head_path = "skipping"`, `pipeline.heads`):
+every gated block groups the batch by gate pattern and runs each group through an attention
+that holds only its kept heads. Same gates, outputs equal to the masked path up to float
+rounding; faster on a CPU when heads are dropped, slower on a GPU (BENCHMARKS.md), hence
+`resolve_head_path`.
 """
 
 from __future__ import annotations
@@ -24,12 +30,24 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
+from pipeline.heads import HeadSliceCache, run_block_with
 from pipeline.params import ModelParams, ParamsError
 from pipeline.storage import load_state_dict_file, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
 SHAPE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+HEAD_PATHS = ("masked", "skipping")
+
+
+def resolve_head_path(choice: str, device: torch.device) -> str:
+    """`auto` -> `skipping` on a CPU (measured 1.05-1.36x at ViT-S, batch 32, usage 1.0-0.33),
+    `masked` elsewhere (on an H200 skipping measured 0.3-0.7x: launch-bound, BENCHMARKS.md)."""
+    if choice == "auto":
+        return "skipping" if device.type == "cpu" else "masked"
+    if choice not in HEAD_PATHS:
+        raise PipelineError(f"unknown head path {choice!r}: choose auto, {' or '.join(HEAD_PATHS)}")
+    return choice
 
 
 @dataclass
@@ -74,6 +92,10 @@ class GatedViT(nn.Module):
         for net in self.decision:
             nn.init.normal_(net.weight, std=0.02)
             nn.init.constant_(net.bias, gate_bias_init)
+        self.head_path = "masked"
+        """How eval forwards run gated blocks: `masked` (every head computed, dropped ones zeroed)
+        or `skipping` (only kept heads computed). Training always masks."""
+        self._slices = HeadSliceCache()
         # Gates of the block being run, read by the pre-hook of its attn.proj (None: all kept).
         self._head_mask: dict[int, Tensor | None] = {}
         for i in self.gated_blocks:
@@ -121,12 +143,37 @@ class GatedViT(nn.Module):
         logits = self.decision_net(block)(x[:, 0])
         if gates is None:
             gates = self.gate(logits)
+        if self.head_path == "skipping" and not self.training:
+            return self._run_block_skipping(block, x, gates), logits, gates
         self._head_mask[block] = gates
         try:
             out = self.vit.blocks[block](x)
         finally:
             self._head_mask[block] = None
         return out, logits, gates
+
+    @torch.no_grad()
+    def _run_block_skipping(self, block: int, x: Tensor, gates: Tensor) -> Tensor:
+        """Block `block` computing only kept heads: one run per gate pattern in the batch."""
+        timm_block = self.vit.blocks[block]
+        patterns, group = torch.unique(gates > 0, dim=0, return_inverse=True)
+
+        def run(rows: Tensor, pattern: Tensor) -> Tensor:
+            if bool(pattern.all()):  # nothing to skip: timm's own block (no gates set, no mask)
+                return timm_block(rows)
+            return run_block_with(timm_block, self._slices.attention(block, timm_block.attn, pattern), rows)
+
+        if len(patterns) == 1:
+            return run(x, patterns[0])
+        out = torch.empty_like(x)
+        for p, pattern in enumerate(patterns):
+            members = (group == p).nonzero().squeeze(1)
+            out[members] = run(x[members], pattern)
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        self._slices.clear()  # moved or cast: cached slices hold the old tensors
+        return super()._apply(fn, *args, **kwargs)
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm, CLS pooling and classifier."""
@@ -145,32 +192,6 @@ class GatedViT(nn.Module):
                 all_logits.append(logits)
         return GatedOutput(self.head(x), torch.stack(all_gates, 1), torch.stack(all_logits, 1), cls_inputs)
 
-    @torch.no_grad()
-    def forward_skipping(self, images: Tensor) -> GatedOutput:
-        """Eval forward that computes only the kept heads: in every gated block the batch is
-        grouped by gate pattern and each group runs attention with its kept heads' weights
-        (a block whose heads are all dropped skips attention). Same gates, and logits equal to
-        `forward`'s up to float rounding; faster when few heads are kept (bench/bench_flops.py)."""
-        if self.training:
-            raise PipelineError("forward_skipping is an inference path: call model.eval() first")
-        x = self.embed(images)
-        all_gates, all_logits = [], []
-        for i, block in enumerate(self.vit.blocks):
-            if i < self.keep_layers:
-                x = block(x)
-                continue
-            logits = self.decision_net(i)(x[:, 0])
-            gates = (logits > 0).to(logits.dtype)
-            patterns, group = torch.unique(gates > 0, dim=0, return_inverse=True)
-            out = torch.empty_like(x)
-            for p, pattern in enumerate(patterns):
-                members = (group == p).nonzero().squeeze(1)
-                out[members] = run_block_with_heads(block, x[members], pattern.nonzero().squeeze(1))
-            x = out
-            all_gates.append(gates)
-            all_logits.append(logits)
-        return GatedOutput(self.head(x), torch.stack(all_gates, 1), torch.stack(all_logits, 1), {})
-
     # What steering needs: everything before the final block once, then the final block with
     # gates of our choosing.
     def forward_to_final(self, images: Tensor) -> Tensor:
@@ -188,40 +209,6 @@ class GatedViT(nn.Module):
         """Final block on `tokens` with the given (B, H) gates, then the classifier: (B, C) logits."""
         x, _, _ = self.run_block(self.depth - 1, tokens, gates=gates)
         return self.head(x)
-
-
-# ------------------------------------------------------------------- computing only kept heads
-def kept_head_rows(heads: Tensor, head_dim: int, num_heads: int) -> tuple[Tensor, Tensor]:
-    """For kept `heads` (1-D indices): their columns of the projection (= rows of q, k or v),
-    and their rows of the fused qkv weight (q, then k, then v)."""
-    rows = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
-    width = num_heads * head_dim
-    return rows, torch.cat([rows, rows + width, rows + 2 * width])
-
-
-def attention_of_heads(attn: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
-    """A timm `Attention`'s eval output when only `heads` (1-D indices) are kept, computing only
-    them: their rows of `qkv` and their columns of `proj` (the projection bias stays, as in the
-    masked path). Equal to the masked path with those gates, up to float rounding."""
-    if getattr(attn, "gate", None) is not None or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-        raise PipelineError("computing kept heads only needs timm attention without a gate or a norm over all heads")
-    b, n, _ = x.shape
-    d = attn.head_dim
-    rows, qkv_rows = kept_head_rows(heads.to(x.device), d, attn.num_heads)
-    if rows.numel() == 0:  # no head kept: only the projection's bias reaches the stream
-        out = x.new_zeros(b, n, attn.proj.out_features)
-        return out if attn.proj.bias is None else out + attn.proj.bias
-    qkv_bias = attn.qkv.bias[qkv_rows] if attn.qkv.bias is not None else None
-    qkv = F.linear(x, attn.qkv.weight[qkv_rows], qkv_bias).reshape(b, n, 3, len(heads), d).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
-    return F.linear(out.transpose(1, 2).reshape(b, n, rows.numel()), attn.proj.weight[:, rows], attn.proj.bias)
-
-
-def run_block_with_heads(block: nn.Module, x: Tensor, heads: Tensor) -> Tensor:
-    """A timm `Block` (eval) whose attention computes only `heads`."""
-    x = x + block.drop_path1(block.ls1(attention_of_heads(block.attn, block.norm1(x), heads)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 # ---------------------------------------------------------------------------------- building

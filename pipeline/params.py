@@ -17,6 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
+HeadPath = Literal["auto", "masked", "skipping"]
+"""How eval forwards run the gated blocks: `masked` computes every head and zeroes the dropped
+ones, `skipping` computes only the kept heads (grouped by gate pattern; outputs equal up to
+float rounding), `auto` skips on a CPU and masks on a GPU (where skipping measured slower)."""
 
 
 class ParamsError(ValueError):
@@ -209,6 +213,10 @@ class ExtractParams(Section):
     input is always stored as `x`."""
     device: Device = "auto"
     """`auto` picks CUDA when present."""
+    heads: HeadPath = "auto"
+    """`masked`, `skipping` (compute only the kept heads) or `auto` (skipping on a CPU, masked on
+    a GPU); the path taken is recorded in the embeddings' metadata. Outputs agree to ~1e-6, not
+    bit for bit, so the choice is part of what makes the stored bytes."""
     nproc: Annotated[int, Field(ge=1)] = 1
     """Processes per node; above 1 the stage runs under torchrun, every process extracting an
     interleaved share of the batches, and rank 0 merges the shares into files byte-identical
@@ -342,6 +350,8 @@ class SteerParams(Section):
     """Seed of the random latent sets."""
     device: Device = "auto"
     """`auto` picks CUDA when present."""
+    heads: HeadPath = "auto"
+    """How the sweep runs the gated blocks (as `extract.heads`); recorded in the details."""
 
     @model_validator(mode="after")
     def _consistent(self) -> SteerParams:

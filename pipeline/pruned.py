@@ -21,54 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import GatedViT, ModelConfig, create_vit, kept_head_rows
+from pipeline.gated_vit import GatedViT, ModelConfig, create_vit
+from pipeline.heads import KeptHeadsAttention
 from pipeline.storage import load_weights, save_weights
 
 FORMAT = "pruned-vit-1"
-
-
-class KeptHeadsAttention(nn.Module):
-    """A timm `Attention` reduced to some of its heads (eval semantics: no dropout)."""
-
-    def __init__(self, dim: int, kept: int, head_dim: int, qkv_bias: bool, proj_bias: bool):
-        super().__init__()
-        self.kept, self.head_dim, self.dim = kept, head_dim, dim
-        self.qkv = nn.Linear(dim, 3 * kept * head_dim, bias=qkv_bias) if kept else None
-        self.proj = nn.Linear(kept * head_dim, dim, bias=proj_bias) if kept else None
-        # with no head kept only the projection's bias reaches the stream
-        self.proj_bias_only = nn.Parameter(torch.zeros(dim)) if (not kept and proj_bias) else None
-
-    @classmethod
-    def from_timm(cls, attn: nn.Module, heads: list[int]) -> KeptHeadsAttention:
-        d, dim = attn.head_dim, attn.proj.out_features
-        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise PipelineError("export-pruned supports timm attention without q/k norms or a norm over heads")
-        out = cls(dim, len(heads), d, attn.qkv.bias is not None, attn.proj.bias is not None)
-        with torch.no_grad():
-            if heads:
-                rows, qkv_rows = kept_head_rows(torch.tensor(heads, dtype=torch.long), d, attn.num_heads)
-                out.qkv.weight.copy_(attn.qkv.weight[qkv_rows])
-                if attn.qkv.bias is not None:
-                    out.qkv.bias.copy_(attn.qkv.bias[qkv_rows])
-                out.proj.weight.copy_(attn.proj.weight[:, rows])
-                if attn.proj.bias is not None:
-                    out.proj.bias.copy_(attn.proj.bias)
-            elif attn.proj.bias is not None:
-                out.proj_bias_only.copy_(attn.proj.bias)
-        return out
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        b, n, _ = x.shape
-        if not self.kept:
-            out = x.new_zeros(b, n, self.dim)
-            return out if self.proj_bias_only is None else out + self.proj_bias_only
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.kept, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.kept * self.head_dim))
 
 
 def majority_heads(gates: Tensor) -> list[list[int]]:
@@ -103,9 +63,8 @@ def load_pruned(directory: Path | str) -> tuple[nn.Module, ModelConfig, dict[str
     config = ModelConfig.from_json(raw["model"])
     vit = create_vit(config.timm_name, config.num_classes, pretrained=False, **asdict(config.shape))
     for offset, heads in enumerate(raw["kept_heads"]):
-        attn = vit.blocks[raw["keep_layers"] + offset].attn
-        vit.blocks[raw["keep_layers"] + offset].attn = KeptHeadsAttention(
-            attn.proj.out_features, len(heads), attn.head_dim, attn.qkv.bias is not None, attn.proj.bias is not None)
+        block = vit.blocks[raw["keep_layers"] + offset]
+        block.attn = KeptHeadsAttention.from_timm(block.attn, heads)  # the shapes; weights loaded below
     vit.load_state_dict(state)
     return vit.eval(), config, raw
 

@@ -73,6 +73,27 @@ def test_schema_and_metadata(workdir):
     assert pf.metadata.row_group(0).column(6).compression == "ZSTD"
 
 
+def test_both_head_paths_store_the_same_rows_and_say_which_ran(workdir, tmp_path, tiny_params, monkeypatch):
+    """extract.heads: `auto` is `skipping` on the CPU; `masked` stores the same rows up to
+    float rounding (gates, predictions and per-block head counts exactly)."""
+    assert read_embeddings(workdir / "data/embeddings/test.parquet").meta["head_path"] == "skipping"
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    monkeypatch.chdir(run)
+    tables = {}
+    for path in ("masked", "skipping"):
+        extract.run(tiny_params(extract={"layers": [0], "batch_size": 20, "heads": path}))
+        assert json.loads(Path("metrics/details/extract.json").read_text())["head_path"] == path
+        tables[path] = {split: read_embeddings(Path(f"data/embeddings/{split}.parquet")) for split in ("train", "val", "test")}
+    for split, masked in tables["masked"].items():
+        skipping = tables["skipping"][split]
+        assert masked.meta["head_path"] == "masked" and skipping.meta["head_path"] == "skipping"
+        assert torch.allclose(masked.x, skipping.x, atol=1e-5)
+        assert torch.allclose(masked.gate_logits, skipping.gate_logits, atol=1e-5)
+        assert torch.equal(masked.gates, skipping.gates) and torch.equal(masked.predictions, skipping.predictions)
+        assert torch.equal(masked.kept_per_block, skipping.kept_per_block)
+
+
 def test_extract_is_byte_identical_on_rerun(workdir, tiny_params, monkeypatch):
     before = {p.name: p.read_bytes() for p in (workdir / "data/embeddings").iterdir()}
     monkeypatch.chdir(workdir)

@@ -107,6 +107,20 @@ def test_deduplicated_final_block_equals_one_run_per_variant():
             assert torch.allclose(model.forward_final(tokens[:5], gates[v][:5]), logits[:5], atol=1e-5)
 
 
+def test_the_head_skipping_sweep_equals_the_masked_one():
+    """steer.heads: the sweep computing only kept heads gives the masked sweep's rows."""
+    model, sae, config, images, labels, sets = setup()
+    variants = variants_for(["per_class", "global", "random"], [-1.0, 0.5, 4.0], draws=2)
+    out = {}
+    for path in ("masked", "skipping"):
+        model.head_path = path
+        tally, cls_inputs = run_sweep(model, sae, sets, images, labels, config, variants, "scale", True, 16, torch.device("cpu"))
+        out[path] = (result_rows(tally, config.class_names), cls_inputs)
+    assert out["masked"][0] == out["skipping"][0]
+    assert torch.allclose(out["masked"][1], out["skipping"][1], atol=1e-5)
+    assert len({r["head_usage"] for r in out["masked"][0]}) > 3  # the variants move the gates
+
+
 def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
     """Decision weights = -u, u the direction of the class latents' decoder columns: amplifying
     the latents lowers every logit, suppressing them (alpha < 0) raises it."""

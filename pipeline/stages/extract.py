@@ -28,7 +28,7 @@ from pipeline.dataset import ImageSet, available_splits, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
 from pipeline.extraction import extract_split, weights_hash
 from pipeline.flops import FlopModel, flop_model
-from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
+from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit, resolve_head_path
 from pipeline.layout import download, finetune
 from pipeline.layout import extract as files
 from pipeline.params import Params, ParamsError
@@ -74,6 +74,8 @@ def run(params: Params) -> None:
     if dist_info.is_main:
         clean_outputs(*files.WRITES)
     model, config = load_gated_vit(finetune.MODEL)
+    model.head_path = resolve_head_path(ep.heads, device)
+    log.info("gated blocks run on the %s head path (extract.heads=%s, %s)", model.head_path, ep.heads, device.type)
     bad = [i for i in ep.layers if i >= model.depth]
     if bad:
         raise ParamsError(f"extract.layers = {ep.layers}: blocks {bad} do not exist (the model has {model.depth})")
@@ -90,6 +92,7 @@ def run(params: Params) -> None:
             "class_names": config.class_names,
             "split": split,
             "extra_layers": list(extra),
+            "head_path": model.head_path,
         }
         for split in splits
     }
@@ -104,7 +107,7 @@ def run(params: Params) -> None:
         extract_sharded(model, config, metas, ep.batch_size, device, extra, dist_info)
 
     if dist_info.is_main:
-        write_metrics(model_hash, splits, flop_model(model), model.keep_layers)
+        write_metrics(model_hash, splits, flop_model(model), model.keep_layers, model.head_path)
     finish_distributed(dist_info)
 
 
@@ -136,7 +139,7 @@ def extract_sharded(model: GatedViT, config: ModelConfig, metas: dict, batch_siz
     log.info("merged %d shards per split into %s", dist_info.world, files.EMBEDDINGS)
 
 
-def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, keep_layers: int) -> None:
+def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, keep_layers: int, head_path: str) -> None:
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
     tables = {split: read_embeddings(files.embeddings_split(split)) for split in splits}
     test = tables["test"]
@@ -159,6 +162,7 @@ def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, ke
             "head_usage": test.head_usage,
             "train_accuracy": tables["train"].accuracy,
             "consistent_with_finetune": consistent,
+            "head_path": head_path,
             "gflops": gflops_per_image(tables, flops, keep_layers),
         },
     )

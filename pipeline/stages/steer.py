@@ -21,7 +21,7 @@ from pipeline.dataset import load_images, read_images_at
 from pipeline.embeddings import read_embeddings
 from pipeline.errors import PipelineError
 from pipeline.flops import flop_model
-from pipeline.gated_vit import load_gated_vit
+from pipeline.gated_vit import load_gated_vit, resolve_head_path
 from pipeline.layout import download, extract, finetune, interpret, latent_stats, train_sae
 from pipeline.layout import steer as files
 from pipeline.params import Params
@@ -109,6 +109,7 @@ def run(params: Params) -> None:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited or foreign file
         raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
     device = pick_device(sp.device)
+    model.head_path = resolve_head_path(sp.heads, device)
     splits = ["test"] if sp.select_on == "test" else [sp.select_on, "test"]
     tallies = {split: sweep_split(split, model, sae, sets, config, variants, sp, device) for split in splits}
     rows = {split: result_rows(tally, class_names) for split, tally in tallies.items()}
@@ -118,6 +119,7 @@ def run(params: Params) -> None:
     flops, usage_per_block = flop_model(model), read_json(finetune.DETAILS)["head_usage_per_block"]
     metrics, headline = analyse(tallies, rows, sp, class_names, n_heads, flops, usage_per_block)
     metrics["settings"]["variants"] = len(variants)
+    metrics["settings"]["head_path"] = model.head_path
     base_acc, base_usage = metrics["baseline"]["accuracy"], metrics["baseline"]["head_usage"]
     curves = metrics["strategies"]
     head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
