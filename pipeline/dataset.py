@@ -282,6 +282,15 @@ def read_images_at(path: Path | str, rows: Sequence[int]) -> tuple[np.ndarray, n
     return out, table.column("label").take(take).to_numpy().astype(np.int64), table.num_rows
 
 
+def read_image_groups(path: Path | str, groups: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """`read_images_at` for several groups of rows (galleries) in one read: per group its
+    images and labels, and the split's row count."""
+    images, labels, n_rows = read_images_at(path, [r for group in groups for r in group])
+    bounds = np.cumsum([0, *map(len, groups)])
+    return ([images[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])], n_rows)
+
+
 # ---------------------------------------------------------------------------- validation split
 def validation_rows(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """(N,) bool: `per_class` rows of each class, drawn without replacement by a generator keyed

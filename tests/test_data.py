@@ -251,6 +251,21 @@ def test_download_stage_writes_dataset_and_metrics(in_tmp, tiny_params):
     assert set(metrics["splits"]["train"]["per_class"].values()) == {16}
 
 
+def test_reading_rows_and_groups_of_rows_gives_the_stored_images(in_tmp, tiny_params):
+    """The galleries' reads: chosen rows decode to the split's own images, in the order asked."""
+    download.run(tiny_params())
+    path = in_tmp / "data" / "dataset" / "train.parquet"
+    whole = dataset.load_images(path)
+    rows = [5, 0, 63, 5]
+    images, labels, n_rows = dataset.read_images_at(path, rows)
+    assert n_rows == 64 and images.shape == (4, 16, 16, 3)
+    assert np.array_equal(images, whole.images[rows].permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(labels, whole.labels[rows].numpy())
+    groups, group_labels, _ = dataset.read_image_groups(path, [[5, 0], [], [63, 5]])
+    assert [len(g) for g in groups] == [2, 0, 2]
+    assert np.array_equal(np.concatenate(groups), images) and np.array_equal(np.concatenate(group_labels), labels)
+
+
 # -------------------------------------------------------------------------------- imagefolder
 def _make_tree(root: Path) -> dict[str, np.ndarray]:
     """train/{cat,dog} and test/{cat,dog}: RGB PNGs, a JPEG, a greyscale PNG and a stray file."""

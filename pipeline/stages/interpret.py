@@ -29,7 +29,7 @@ from pipeline import interpret as it
 from pipeline import plots
 from pipeline import stats as st
 from pipeline.checks import labels_in_range, same_classes, same_width
-from pipeline.dataset import read_images_at
+from pipeline.dataset import read_image_groups
 from pipeline.embeddings import EmbeddingTable, read_embeddings
 from pipeline.errors import PipelineError
 from pipeline.gated_vit import load_gated_vit
@@ -215,26 +215,18 @@ def latent_title(latent: int, rate: float, label: str, purity: float) -> str:
     return f"latent {latent}: fires on {rate:.1%} of training images; label '{label}', purity {purity:.2f}"
 
 
-def gallery_images(latents: list[int], top: it.TopImages, count: int) -> tuple[list[list[int]], np.ndarray, np.ndarray, int]:
-    """Rows of the first `count` gallery images of each latent, and those images decoded."""
-    per_latent = [[r for r in top.rows[j, :count].tolist() if r >= 0] for j in latents]
-    flat = [r for rows in per_latent for r in rows]
-    images, labels, n_rows = read_images_at(download.dataset_split("train"), flat)
-    return per_latent, images, labels, n_rows
-
-
 def latent_grid_rows(latents: list[int], top: it.TopImages, stats: st.LatentStats, purity: it.Purity,
                      class_names: list[str], ip: InterpretParams) -> list[tuple[str, np.ndarray]]:
     """The global set's galleries as (title, images) rows, checked against the data set."""
     try:
-        per_latent, images, labels, n_rows = gallery_images(latents, top, ip.grid_images)
+        galleries = [[r for r in top.rows[j, :ip.grid_images].tolist() if r >= 0] for j in latents]
+        images, _, n_rows = read_image_groups(download.dataset_split("train"), galleries)
     except (IndexError, KeyError, ValueError, pa.ArrowException) as exc:
         raise PipelineError(f"{download.dataset_split('train')}: cannot read the gallery images ({exc}); rerun download") from None
     if n_rows != stats.n_samples:
         raise PipelineError(f"{download.dataset_split('train')} has {n_rows} rows, {TRAIN} {stats.n_samples}; rerun extract")
-    rows, offset = [], 0
-    for j, gallery in zip(latents, per_latent):
+    rows = []
+    for j, pixels in zip(latents, images):
         label = class_names[int(purity.label[j])] if purity.label[j] >= 0 else "-"
-        rows.append((latent_title(j, float(stats.freq_all[j]), label, float(purity.purity[j])), images[offset:offset + len(gallery)]))
-        offset += len(gallery)
+        rows.append((latent_title(j, float(stats.freq_all[j]), label, float(purity.purity[j])), pixels))
     return rows

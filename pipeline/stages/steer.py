@@ -17,7 +17,7 @@ import torch
 
 from pipeline import cards, plots
 from pipeline.checks import same_classes, same_rows, same_width
-from pipeline.dataset import load_images, read_images_at
+from pipeline.dataset import load_images, read_image_groups
 from pipeline.embeddings import read_embeddings
 from pipeline.errors import PipelineError
 from pipeline.flops import flop_model
@@ -200,12 +200,9 @@ def explain(params: Params, rows: list[dict], headline: list, heads: list[str], 
             heat_rows.append(interp.attribution[j])
             heat_names.append(f"{c.name}: latent {j}")
     if image_rows:
-        flat = [r for _, _, gallery in image_rows for r in gallery]
-        images, _, _ = read_images_at(download.dataset_split("train"), flat)
-        drawn, offset = [], 0
-        for name, j, gallery in image_rows:
-            drawn.append((f"{name} | {cards.latent_line(interp, j)} | pushes {cards.pushes(interp, j, heads)}", images[offset:offset + len(gallery)]))
-            offset += len(gallery)
+        images, _, _ = read_image_groups(download.dataset_split("train"), [gallery for _, _, gallery in image_rows])
+        drawn = [(f"{name} | {cards.latent_line(interp, j)} | pushes {cards.pushes(interp, j, heads)}", pixels)
+                 for (name, j, _), pixels in zip(image_rows, images)]
         plots.image_rows(drawn, files.CLASS_CARDS, "Class cards: each featured class's most frequent latents and the training images they fire on most")
         plots.attribution_heatmap(np.stack(heat_rows), heat_names, heads, files.ATTRIBUTION_HEATMAP,
                                   "Final-block gate-logit change per unit activation (featured classes' latents)")
