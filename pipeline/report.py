@@ -56,7 +56,14 @@ def _compute_line(finetune: dict[str, Any], steer: dict[str, Any]) -> list[str]:
     share = f"; the final block's attention is {100 * final_attention / finetune['gflops_dense']:.1f}% of the dense model" if final_attention else ""
     return [f"- Compute, matmul FLOPs per test image from the gates (`pipeline.flops`): {finetune['gflops']:.4g} GFLOPs, "
             f"{100 * finetune['gflops_fraction']:.0f}% of the dense model's {finetune['gflops_dense']:.4g}{share}. "
-            "(The masked path computes every head: these are what a head-skipping path would spend.)"]
+            + _path_note(steer.get("settings", {}).get("head_path"))]
+
+
+def _path_note(head_path: str | None) -> str:
+    if head_path == "skipping":
+        return ("(The sweep ran on the head-skipping path, `steer.heads`: dropped heads were not computed, so these are the "
+                "FLOPs spent.)")
+    return "(The sweep ran on the masked path, which computes every head: these are what the head-skipping path spends.)"
 
 
 def _headline_method(steer: dict[str, Any], sp: Any) -> list[str]:
@@ -259,6 +266,10 @@ def render_report(
          "This run is smaller than the paper's (model, data or both): compare signs and shapes of the curves, not values. "
          "The direction in which amplifying class latents moves head usage is a property of the trained decision network "
          "and may be the reverse of the paper's at small scale."),
+        "",
+        "Every sign in this report is one training run's: on `configs/cifar100-cpu.yaml` the global set lowered usage in "
+        "one training seed and raised it in another (docs/results/cifar100-cpu-seeds). State a direction with its sign "
+        "agreement across seeds: queue a seed sweep and run `pipeline summarize` (docs/EXPERIMENTS.md, \"Seed sweeps\").",
         "",
         "## Figures",
         "",
