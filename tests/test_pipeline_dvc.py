@@ -51,7 +51,9 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     assert exported.returncode == 0, exported.stderr
     result = json.loads((repo / f"explore/pruned-{pair[0]}-{pair[1]}/export.json").read_text())
     assert result["classes"] == pair and result["gflops"]["compact"] <= result["gflops"]["dense"]
-    assert "| compact |" in exported.stdout
+    assert "| compact |" in exported.stdout and "| gated, head-skipping path |" in exported.stdout
+    assert set(result["latency_ms"]["batch1"]) == {"gated", "gated_skipping", "compact"}
+    assert result["accuracy"]["gated_skipping"] == result["accuracy"]["gated"]  # the paths agree on every prediction
     assert cli(repo, "export-pruned", "--classes", "no-such-class").returncode == 1
     assert cli(repo, "latent", "100000").returncode == 1
     unknown = cli(repo, "class", "no-such-class")
