@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sae.py
 	$(BIN)/python bench/bench_steer.py
 	$(BIN)/python bench/bench_flops.py
+	$(BIN)/python bench/bench_head_paths.py
 	$(BIN)/python bench/bench_interpret.py
 
 clean-venv:
