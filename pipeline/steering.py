@@ -82,9 +82,10 @@ def final_block_outcomes(model: GatedViT, tokens: Tensor, gates: Tensor, chunk: 
     (image, gate pattern) pair. Returns (V, B) predicted classes."""
     v, b, h = gates.shape
     codes = (gates.long() * (1 << torch.arange(h, device=gates.device))).sum(-1)  # (V, B)
-    keys = torch.arange(b, device=gates.device) * (1 << h) + codes
+    # pattern-major keys: sorted, each chunk holds few patterns (large groups for the head-skipping path)
+    keys = codes * b + torch.arange(b, device=gates.device)
     unique, inverse = torch.unique(keys.flatten(), return_inverse=True)
-    image_of, code_of = unique // (1 << h), unique % (1 << h)
+    image_of, code_of = unique % b, unique // b
     pattern = ((code_of[:, None] >> torch.arange(h, device=gates.device)) & 1).to(tokens.dtype)
     preds = torch.empty(len(unique), dtype=torch.long, device=tokens.device)
     for start in range(0, len(unique), chunk):
