@@ -161,6 +161,8 @@ ExportDirOption = typer.Option(None, "--out", help="Output folder (default explo
 @app.command("export-pruned")
 def export_pruned(
     classes: str = typer.Option(..., "--classes", help="Comma-separated class names, e.g. bowl,plate."),
+    heads: str = typer.Option("majority", "--heads", help="majority: per block the heads most of these classes' training "
+                              "images keep; headline: the same, but the final block keeps the steering headline's heads."),
     out: Path | None = ExportDirOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -169,8 +171,8 @@ def export_pruned(
     from pipeline.export_pruned import describe, export
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    folder = out or Path("explore") / ("pruned-" + "-".join(names))
-    result = _explore(lambda: export(names, folder), debug)
+    folder = out or Path("explore") / ("pruned-" + "-".join(names) + ("-headline" if heads == "headline" else ""))
+    result = _explore(lambda: export(names, folder, heads=heads), debug)
     typer.echo(describe(result))
     typer.echo(f"written: {folder}/model.safetensors, config.json, export.json")
 

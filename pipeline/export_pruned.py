@@ -4,6 +4,13 @@ gated model it came from (accuracy on those classes and on all, GFLOPs, measured
 Heads are chosen on the training split (a majority of the classes' training images keep them,
 block by block) and everything reported is on the test split. Reads the finished `finetune`
 and `download` outputs; writes `<out>/model.safetensors`, `<out>/config.json`, `<out>/export.json`.
+
+`heads="headline"` takes the final block's heads from the steering headline instead: at each
+class's selected alpha (chosen on the selection split, `steer.select_on`), the heads a majority
+of those classes' selection-split images keep when their own latents are steered. Steering
+changes only the final block's gates, so on an image whose steered gates are those heads the
+compact model computes what the steered gated model computes, with no SAE and no decision
+network; the export reports the steered model's test accuracy beside the compact model's.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from pipeline.dataset import load_images
 from pipeline.errors import PipelineError
 from pipeline.flops import flop_model
 from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
-from pipeline.layout import download, finetune
+from pipeline.layout import download, finetune, steer
 from pipeline.pruned import latency, majority_heads, prune, save_pruned
-from pipeline.storage import rounded, write_json
+from pipeline.storage import read_json, read_table, rounded, write_json
+
+HEAD_CHOICES = ("majority", "headline")
 
 
 def _batches(images: torch.Tensor, size: int):
@@ -43,7 +52,44 @@ def predictions(vit: torch.nn.Module, config: ModelConfig, images: torch.Tensor,
     return torch.cat([vit(config.preprocess(batch)).argmax(-1) for batch in _batches(images, batch_size)])
 
 
-def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds: int = 5) -> dict[str, Any]:
+def headline_heads(classes: list[str], n_heads: int) -> tuple[list[int], dict[str, Any]]:
+    """The final block's heads at the steering headline for `classes`: the heads kept by a
+    majority of their selection-split images at each class's selected alpha (strategy
+    per_class, rates pooled over the classes by image count), and what the steered gated model
+    scored on test at those alphas."""
+    if not steer.DETAILS.exists() or not steer.RESULTS.exists():
+        raise PipelineError(f"{steer.DETAILS} or {steer.RESULTS} is missing: run `dvc repro steer` first")
+    headline = read_json(steer.DETAILS).get("per_class_headline")
+    if not headline:
+        raise PipelineError(f"{steer.DETAILS} has no per-class headline (per_class not among steer.strategies)")
+    alphas, split = headline["alpha"], headline["selected_on"]
+    table, _ = read_table(steer.RESULTS, {})
+    rows = [r for r in table.to_pylist()
+            if r["strategy"] == "per_class" and r["class"] in classes and r["alpha"] == alphas.get(r["class"])]
+
+    def pooled(on: str) -> tuple[int, list[float], float]:
+        chosen = [r for r in rows if r["split"] == on and r["n"]]
+        n = sum(r["n"] for r in chosen)
+        if not n:
+            raise PipelineError(f"{steer.RESULTS}: no {on} rows for {classes} at their headline alphas; rerun steer")
+        keep = [sum(r["n"] * r[f"keep_h{h}"] for r in chosen) / n for h in range(n_heads)]
+        return n, keep, sum(r["n"] * r["accuracy"] for r in chosen) / n
+
+    n_sel, keep_sel, _ = pooled(split)
+    n_test, keep_test, acc_test = pooled("test")
+    heads = [h for h in range(n_heads) if keep_sel[h] > 0.5]
+    return heads, {
+        "alphas": {c: alphas[c] for c in classes},
+        "selected_on": split,
+        "keep_rates_on_selection_split": keep_sel,
+        "images": {split: n_sel, "test": n_test},
+        "steered_gated_on_test": {"accuracy_chosen_classes": acc_test, "head_usage": sum(keep_test) / n_heads},
+    }
+
+
+def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds: int = 5, heads: str = "majority") -> dict[str, Any]:
+    if heads not in HEAD_CHOICES:
+        raise PipelineError(f"--heads {heads!r}: choose {' or '.join(HEAD_CHOICES)}")
     if not (finetune.MODEL / "model.safetensors").exists() or not download.dataset_split("test").exists():
         raise PipelineError(f"{finetune.MODEL} or {download.DATASET} is missing: run `dvc repro finetune` first")
     model, config = load_gated_vit(finetune.MODEL)
@@ -55,6 +101,9 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     chosen_train = torch.isin(train.labels, ids)
     _, train_gates = gated_outputs(model, config, train.images[chosen_train], batch_size)
     kept = majority_heads(train_gates)
+    steered = None
+    if heads == "headline":
+        kept[-1], steered = headline_heads(classes, model.num_heads)
     compact = prune(model, kept)
 
     dense_pred, test_gates = gated_outputs(model, config, test.images, batch_size)
@@ -107,9 +156,11 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
         "latency_ms": {f"batch{b}": {k: 1000 * v for k, v in t.items()} for b, t in timings.items()},
         "latency_note": (f"median of {latency_rounds} calls on {torch.get_num_threads()} CPU threads; gated = the masked path "
                          "(every head computed), gated_skipping = the head-skipping path (only each image's kept heads)"),
-        "heads_chosen_on": "train",
+        "heads_chosen_on": "train" if steered is None else f"train (final block: steering headline, {steered['selected_on']})",
         "reported_on": "test",
     }
+    if steered is not None:
+        result["steering_headline"] = steered
     save_pruned(out, compact, config, model.keep_layers, kept, {"classes": classes})
     write_json(out / "export.json", rounded(result))
     return result
@@ -118,9 +169,14 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
 def describe(result: dict[str, Any]) -> str:
     acc, fl, lat = result["accuracy"], result["gflops"], result["latency_ms"]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    steered = result.get("steering_headline")
+    chosen = "majority of their training images"
+    if steered:
+        alphas = ", ".join(f"{c} {a:+g}" for c, a in steered["alphas"].items())
+        chosen += f"; final block: the steering headline's, at alphas {alphas}, majority on {steered['selected_on']}"
     lines = [
         f"classes {', '.join(result['classes'])}: {result['heads_kept']} of {result['heads_gated']} gated heads kept "
-        f"(majority of their training images); " + "; ".join(f"{b}: {k}" for b, k in result["kept_heads"].items()),
+        f"({chosen}); " + "; ".join(f"{b}: {k}" for b, k in result["kept_heads"].items()),
         "| model | accuracy, these classes | accuracy, all classes | GFLOPs per image | latency batch 32 | batch 1 |",
         "|---|---|---|---|---|---|",
         f"| gated, masked path | {pct(acc['gated']['chosen_classes'])} | {pct(acc['gated']['all'])} | {fl['dense']:.4g} | "
@@ -128,9 +184,15 @@ def describe(result: dict[str, Any]) -> str:
         f"| gated, head-skipping path | {pct(acc['gated_skipping']['chosen_classes'])} | {pct(acc['gated_skipping']['all'])} | "
         f"{fl['gated_if_heads_were_skipped']:.4g} | "
         f"{lat['batch32']['gated_skipping']:.1f} ms | {lat['batch1']['gated_skipping']:.2f} ms |",
+    ]
+    if steered:
+        on_test = steered["steered_gated_on_test"]
+        lines.append(f"| gated, steered at those alphas (own class's latents) | {pct(on_test['accuracy_chosen_classes'])} | - | "
+                     f"final-block usage {on_test['head_usage']:.2f} | - | - |")
+    lines += [
         f"| compact | {pct(acc['compact']['chosen_classes'])} | {pct(acc['compact']['all'])} | {fl['compact']:.4g} | "
         f"{lat['batch32']['compact']:.1f} ms | {lat['batch1']['compact']:.2f} ms |",
-        f"{pct(result['chosen_images_whose_gates_match_the_kept_heads'])} of these classes' test images have exactly the kept heads' gates "
-        "(on those the two models agree).",
+        f"{pct(result['chosen_images_whose_gates_match_the_kept_heads'])} of these classes' test images have exactly the kept heads' "
+        "(unsteered) gates (on those the gated and compact models agree).",
     ]
     return "\n".join(lines)

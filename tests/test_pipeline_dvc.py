@@ -54,7 +54,16 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     assert "| compact |" in exported.stdout and "| gated, head-skipping path |" in exported.stdout
     assert set(result["latency_ms"]["batch1"]) == {"gated", "gated_skipping", "compact"}
     assert result["accuracy"]["gated_skipping"] == result["accuracy"]["gated"]  # the paths agree on every prediction
+    steered = cli(repo, "export-pruned", "--classes", ",".join(pair), "--heads", "headline")
+    assert steered.returncode == 0, steered.stderr
+    with_headline = json.loads((repo / f"explore/pruned-{pair[0]}-{pair[1]}-headline/export.json").read_text())
+    blocks = list(result["kept_heads"])
+    assert [with_headline["kept_heads"][b] for b in blocks[:-1]] == [result["kept_heads"][b] for b in blocks[:-1]]
+    rates = with_headline["steering_headline"]["keep_rates_on_selection_split"]
+    assert with_headline["kept_heads"][blocks[-1]] == [h for h, rate in enumerate(rates) if rate > 0.5]
+    assert "steered at those alphas" in steered.stdout
     assert cli(repo, "export-pruned", "--classes", "no-such-class").returncode == 1
+    assert cli(repo, "export-pruned", "--classes", pair[0], "--heads", "loudest").returncode == 1
     assert cli(repo, "latent", "100000").returncode == 1
     unknown = cli(repo, "class", "no-such-class")
     assert unknown.returncode == 1 and "no class 'no-such-class'" in unknown.stderr

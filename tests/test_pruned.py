@@ -3,13 +3,16 @@ images whose gates match the kept heads, a plain timm ViT on disk."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.gated_vit import GatedViT, build_gated_vit, model_config
+from pipeline.heads import KeptHeadsAttention
 from pipeline.params import ModelParams
-from pipeline.pruned import KeptHeadsAttention, load_pruned, majority_heads, prune, save_pruned
+from pipeline.pruned import load_pruned, majority_heads, prune, save_pruned
 
 SHAPE = dict(name="vit_small_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=3, keep_layers=1)
 
@@ -61,3 +64,37 @@ def test_majority_heads_keeps_what_more_than_half_of_the_images_keep():
         [[0, 1, 0], [0, 0, 0]],
     ], dtype=torch.float32)
     assert majority_heads(gates) == [[0], []]  # 3/4 keep h0; h1 and h2 only half; h2 of block 2 half
+
+
+def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkeypatch):
+    """Final-block heads for `--heads headline`: at each class's selected alpha (per_class
+    strategy, selection split), rates pooled by image count, kept where above one half."""
+    from pipeline.export_pruned import headline_heads
+    from pipeline.stages.steer import write_results
+    from pipeline.storage import write_json
+
+    monkeypatch.chdir(tmp_path)
+    write_json(Path("metrics/details/steer.json"), {"per_class_headline": {"alpha": {"a": 4.0, "b": -1.0, "c": 0.0}, "selected_on": "val"}})
+
+    def row(split, strategy, alpha, cls, n, accuracy, keep):
+        return {"split": split, "strategy": strategy, "alpha": alpha, "draw": 0, "class_id": ord(cls) - 97, "class": cls,
+                "n": n, "accuracy": accuracy, "head_usage": sum(keep) / 3, **{f"keep_h{h}": k for h, k in enumerate(keep)}}
+
+    rows = [
+        row("val", "per_class", 4.0, "a", 10, 1.0, [1.0, 0.0, 0.6]),
+        row("val", "per_class", -1.0, "b", 30, 1.0, [0.0, 1.0, 0.5]),
+        row("val", "per_class", -1.0, "a", 10, 1.0, [1.0, 1.0, 1.0]),  # not a's alpha
+        row("val", "global", 4.0, "a", 10, 1.0, [1.0, 1.0, 1.0]),  # not the per_class strategy
+        row("val", "per_class", 0.0, "c", 50, 1.0, [1.0, 1.0, 1.0]),  # not a chosen class
+        row("test", "per_class", 4.0, "a", 20, 0.5, [1.0, 0.0, 0.0]),
+        row("test", "per_class", -1.0, "b", 20, 1.0, [0.0, 1.0, 1.0]),
+    ]
+    Path("data/steer").mkdir(parents=True)
+    write_results(rows, 3, Path("data/steer/results.parquet"))
+    heads, info = headline_heads(["a", "b"], 3)
+    # pooled: h0 10/40 = 0.25, h1 30/40 = 0.75, h2 (6 + 15)/40 = 0.525 (unpooled means: 0.5, 0.5, 0.55)
+    assert heads == [1, 2]
+    assert info["keep_rates_on_selection_split"] == pytest.approx([0.25, 0.75, 0.525])
+    assert info["alphas"] == {"a": 4.0, "b": -1.0} and info["images"] == {"val": 40, "test": 40}
+    assert info["steered_gated_on_test"]["accuracy_chosen_classes"] == pytest.approx(0.75)
+    assert info["steered_gated_on_test"]["head_usage"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)
