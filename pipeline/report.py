@@ -267,8 +267,8 @@ def render_report(
          "The direction in which amplifying class latents moves head usage is a property of the trained decision network "
          "and may be the reverse of the paper's at small scale."),
         "",
-        "Every sign in this report is one training run's: on `configs/cifar100-cpu.yaml` the global set lowered usage in "
-        "one training seed and raised it in another (docs/results/cifar100-cpu-seeds). State a direction with its sign "
+        "Every sign in this report is one training run's: on `configs/cifar100-cpu.yaml`, amplifying the same latent sets "
+        "lowered usage in some training seeds and raised it in others (docs/results/cifar100-cpu-seeds). State a direction with its sign "
         "agreement across seeds: queue a seed sweep and run `pipeline summarize` (docs/EXPERIMENTS.md, \"Seed sweeps\").",
         "",
         "## Figures",
