@@ -41,8 +41,10 @@ HEAD_PATHS = ("masked", "skipping")
 
 
 def resolve_head_path(choice: str, device: torch.device) -> str:
-    """`auto` -> `skipping` on a CPU (measured 1.05-1.36x at ViT-S, batch 32, usage 1.0-0.33),
-    `masked` elsewhere (on an H200 skipping measured 0.3-0.7x: launch-bound, BENCHMARKS.md)."""
+    """`auto` -> `skipping` on a CPU (measured 1.13-1.46x at ViT-S, batch 32, usage 1.0-0.33;
+    1.09-1.21x in extract on trained runs), `masked` elsewhere (on an H200 skipping measured
+    0.3-0.7x: launch-bound). Decided by device type, not timed at run time, so the stored bytes
+    do not depend on the machine's load (BENCHMARKS.md)."""
     if choice == "auto":
         return "skipping" if device.type == "cpu" else "masked"
     if choice not in HEAD_PATHS:
