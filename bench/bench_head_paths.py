@@ -93,9 +93,9 @@ def main() -> None:
     kept = masked["kept_per_block"].double().mean(0)
     fm = flop_model(model)
     predicted = fm.dense / fm.image([float(shape.num_heads)] * model.keep_layers + kept.tolist())
-    patterns = [len(torch.unique(masked["gates"], dim=0))]
+    patterns = len(torch.unique(masked["gates"], dim=0))
     print(f"\nextract ({len(images)} test images, batch {params.extract.batch_size}); mean heads kept per gated "
-          f"block {[round(k, 2) for k in kept.tolist()]}, final-block patterns {patterns[0]}")
+          f"block {[round(k, 2) for k in kept.tolist()]}, final-block patterns {patterns}")
     print(f"{'path':<10}{'images/s':>10}")
     for path in PATHS:
         print(f"{path:<10}{len(images) / seconds[path]:>10.0f}")

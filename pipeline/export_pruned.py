@@ -37,8 +37,10 @@ def _batches(images: torch.Tensor, size: int):
 
 
 @torch.no_grad()
-def gated_outputs(model: GatedViT, config: ModelConfig, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, gates (N, G, H)) of the gated model on its current head path."""
+def gated_outputs(model: GatedViT, config: ModelConfig, images: torch.Tensor, batch_size: int,
+                  head_path: str = "masked") -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, gates (N, G, H)) of the gated model on `head_path`."""
+    model.head_path = head_path
     preds, gates = [], []
     for batch in _batches(images, batch_size):
         out = model(config.preprocess(batch))
@@ -107,9 +109,7 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     compact = prune(model, kept)
 
     dense_pred, test_gates = gated_outputs(model, config, test.images, batch_size)
-    model.head_path = "skipping"
-    skipping_pred, _ = gated_outputs(model, config, test.images, batch_size)
-    model.head_path = "masked"
+    skipping_pred, _ = gated_outputs(model, config, test.images, batch_size, head_path="skipping")
     pruned_pred = predictions(compact, config, test.images, batch_size)
     chosen = torch.isin(test.labels, ids)
 
@@ -133,7 +133,6 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
         timings[batch] = {"gated": latency(gated_on("masked"), x, latency_rounds),
                           "gated_skipping": latency(gated_on("skipping"), x, latency_rounds),
                           "compact": latency(compact, x, latency_rounds)}
-    model.head_path = "masked"
     pattern_match = (test_gates[chosen] == torch.stack([torch.isin(torch.arange(model.num_heads), torch.tensor(k, dtype=torch.long))
                                                         for k in kept]).to(test_gates.dtype)).all(-1).all(-1)
     result = {

@@ -119,6 +119,13 @@ def parquet_writer(path: Path | str, schema: pa.Schema) -> pq.ParquetWriter:
     )
 
 
+def write_parquet(path: Path | str, table: pa.Table) -> None:
+    """Write a small table atomically as one row group (deterministic, like `parquet_writer`)."""
+    with atomic_path(path) as tmp:
+        with parquet_writer(tmp, table.schema) as writer:
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+
+
 def open_parquet(path: Path | str, required: Mapping[str, pa.DataType]) -> pq.ParquetFile:
     """Open a Parquet file and check it has the columns a stage needs, with clear errors."""
     path = Path(path)

@@ -38,7 +38,7 @@ from pipeline.layout import interpret as files
 from pipeline.params import InterpretParams, Params
 from pipeline.progress import progress
 from pipeline.sae import SparseAutoencoder, load_sae
-from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, rounded, write_json
+from pipeline.storage import clean_outputs, read_json, rounded, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def write_galleries(top: it.TopImages, train: EmbeddingTable) -> None:
         "row": rows.numpy(), "index": train.index[rows].numpy(), "label": train.labels[rows].numpy().astype(np.int32),
         "activation": top.values[keep].numpy().astype(np.float32),
     }, schema=GALLERY_SCHEMA)
-    _write(table, files.GALLERIES)
+    write_parquet(files.GALLERIES, table)
 
 
 def write_latents(stats: st.LatentStats, purity: it.Purity, attribution: torch.Tensor, class_names: list[str]) -> None:
@@ -185,7 +185,7 @@ def write_latents(stats: st.LatentStats, purity: it.Purity, attribution: torch.T
         "entropy": purity.entropy.numpy(),
         **{f"attr_h{h}": attribution[:, h].numpy() for h in range(n_heads)},
     }
-    _write(pa.table(columns), files.LATENTS)
+    write_parquet(files.LATENTS, pa.table(columns))
 
 
 def write_shifts(shifts: dict[str, dict[str, torch.Tensor]], class_names: list[str], n_heads: int) -> None:
@@ -201,14 +201,7 @@ def write_shifts(shifts: dict[str, dict[str, torch.Tensor]], class_names: list[s
                 records["shift_add"].append(float(by_mode["add"][c, h]))
     schema = pa.schema([("strategy", pa.string()), ("class_id", pa.int32()), ("class", pa.string()), ("head", pa.int32()),
                         ("shift_scale", pa.float64()), ("shift_add", pa.float64())])
-    _write(pa.table(records, schema=schema), files.SHIFTS)
-
-
-def _write(table: pa.Table, path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with parquet_writer(tmp, table.schema) as writer:
-            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+    write_parquet(files.SHIFTS, pa.table(records, schema=schema))
 
 
 def latent_title(latent: int, rate: float, label: str, purity: float) -> str:

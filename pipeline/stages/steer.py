@@ -39,7 +39,7 @@ from pipeline.steering import (
     sets_to_mask,
     variants_for,
 )
-from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, rounded, write_json, write_text
+from pipeline.storage import atomic_path, clean_outputs, read_json, rounded, write_json, write_parquet, write_text
 from pipeline.strategies import STRATEGIES, LatentSets
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ def write_results(rows: list[dict], n_heads: int, path: Path) -> None:
             *[(f"keep_h{h}", pa.float64()) for h in range(n_heads)],
         ]
     )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with parquet_writer(path, schema) as writer:
-        writer.write_table(table, row_group_size=max(len(rows), 1))
+    write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
 
 
 def sweep_split(split: str, model, sae, sets: LatentSets, config, variants: list[Variant], sp, device) -> Tally:
