@@ -145,6 +145,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
         "metrics/sae.json:dead_fraction",
         "metrics/latent_stats.json:overlap",
         "metrics/latent_stats.json:jaccard",
+        "metrics/interpret.json:purity",
         "metrics/steer.json:usage_drop",
         "metrics/steer.json:acc_change",
         "metrics/steer.json:fewer_heads",
@@ -152,7 +153,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_on
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
     assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
-    assert len(metrics) == 13, sorted(metrics)
+    assert len(metrics) == 12, sorted(metrics)  # the 12 above, exactly
     commit(repo, "alt applied")
 
 

@@ -12,7 +12,7 @@ LATENTS = INTERPRET / "latents.parquet"
 SHIFTS = INTERPRET / "shifts.parquet"
 """Predicted mean gate-logit shift per head at alpha = 1, per (strategy, class), test split."""
 METRICS = Path("metrics/interpret.json")
-"""Headline numbers only: the mean class purity of the SAE's latents and of PCA directions."""
+"""Headline number only: the mean class purity of the SAE's alive latents."""
 DETAILS = Path("metrics/details/interpret.json")
 """Purity of SAE latents against random and PCA directions, attribution summary, timings."""
 LATENT_GRID = Path("metrics/plots/latent_grid.png")
