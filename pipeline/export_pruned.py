@@ -10,11 +10,13 @@ class's selected alpha (chosen on the selection split, `steer.select_on`), the h
 of those classes' selection-split images keep when their own latents are steered. Steering
 changes only the final block's gates, so on an image whose steered gates are those heads the
 compact model computes what the steered gated model computes, with no SAE and no decision
-network; the export reports the steered model's test accuracy beside the compact model's.
+network; the export reports the steered model's test accuracy beside the compact model's. The
+sweep must have run on these weights (steer records their SHA-256); a stale one is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from pipeline.flops import flop_model
 from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
 from pipeline.layout import download, finetune, steer
 from pipeline.pruned import latency, majority_heads, prune, save_pruned
-from pipeline.storage import read_json, read_table, rounded, write_json
+from pipeline.storage import read_json, read_table, rounded, weights_sha256, write_json
 
 HEAD_CHOICES = ("majority", "headline")
+log = logging.getLogger(__name__)
 
 
 def _batches(images: torch.Tensor, size: int):
@@ -54,14 +57,22 @@ def predictions(vit: torch.nn.Module, config: ModelConfig, images: torch.Tensor,
     return torch.cat([vit(config.preprocess(batch)).argmax(-1) for batch in _batches(images, batch_size)])
 
 
-def headline_heads(classes: list[str], n_heads: int) -> tuple[list[int], dict[str, Any]]:
+def headline_heads(classes: list[str], n_heads: int, model_sha256: str) -> tuple[list[int], dict[str, Any]]:
     """The final block's heads at the steering headline for `classes`: the heads kept by a
     majority of their selection-split images at each class's selected alpha (strategy
     per_class, rates pooled over the classes by image count), and what the steered gated model
-    scored on test at those alphas."""
+    scored on test at those alphas. Refuses a sweep that ran on other weights than
+    `model_sha256` (the model being exported)."""
     if not steer.DETAILS.exists() or not steer.RESULTS.exists():
         raise PipelineError(f"{steer.DETAILS} or {steer.RESULTS} is missing: run `dvc repro steer` first")
-    headline = read_json(steer.DETAILS).get("per_class_headline")
+    details = read_json(steer.DETAILS)
+    swept_on = details.get("settings", {}).get("model_sha256")
+    if swept_on is None:
+        log.warning("%s does not say which weights the sweep ran on (written before steer recorded it)", steer.DETAILS)
+    elif swept_on != model_sha256:
+        raise PipelineError(f"{steer.DETAILS}: the sweep ran on other weights than {finetune.MODEL} "
+                            f"(sha256 {swept_on[:12]}… vs {model_sha256[:12]}…); rerun `dvc repro steer`")
+    headline = details.get("per_class_headline")
     if not headline:
         raise PipelineError(f"{steer.DETAILS} has no per-class headline (per_class not among steer.strategies)")
     alphas, split = headline["alpha"], headline["selected_on"]
@@ -105,7 +116,7 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     kept = majority_heads(train_gates)
     steered = None
     if heads == "headline":
-        kept[-1], steered = headline_heads(classes, model.num_heads)
+        kept[-1], steered = headline_heads(classes, model.num_heads, weights_sha256(finetune.MODEL))
     compact = prune(model, kept)
 
     dense_pred, test_gates = gated_outputs(model, config, test.images, batch_size)

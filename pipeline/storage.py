@@ -9,6 +9,7 @@ Rules kept here so no stage has to remember them:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -188,6 +189,15 @@ def load_weights(directory: Path | str) -> tuple[dict[str, torch.Tensor], dict[s
     except (SafetensorError, OSError, ValueError) as exc:
         raise PipelineError(f"{weights}: not a valid safetensors file ({exc})") from None
     return state, config
+
+
+def weights_sha256(directory: Path | str) -> str:
+    """The SHA-256 of `directory/model.safetensors`: which weights a later artifact came from."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:

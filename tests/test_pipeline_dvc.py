@@ -4,6 +4,7 @@ then a `steer` change reruns `steer` alone, an `interpret` change `interpret` an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     steer = json.loads((repo / "metrics/details/steer.json").read_text())
     assert set(steer["strategies"]) == {"per_class", "per_class_predicted", "global", "random", "random_per_class"}
     assert steer["settings"]["select_on"] == "val" and steer["settings"]["images"] == {"val": 16, "test": 32}
+    assert steer["settings"]["model_sha256"] == hashlib.sha256((repo / "models/vit/model.safetensors").read_bytes()).hexdigest()
     assert (repo / "data/dataset/val.parquet").exists() and (repo / "data/embeddings/val.parquet").exists()
 
     # A person exploring the run: one latent, one class (read from the stages' outputs).

@@ -9,6 +9,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from pipeline.errors import PipelineError
 from pipeline.gated_vit import GatedViT, build_gated_vit, model_config
 from pipeline.heads import KeptHeadsAttention
 from pipeline.params import ModelParams
@@ -74,7 +75,9 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
     from pipeline.storage import write_json
 
     monkeypatch.chdir(tmp_path)
-    write_json(Path("metrics/details/steer.json"), {"per_class_headline": {"alpha": {"a": 4.0, "b": -1.0, "c": 0.0}, "selected_on": "val"}})
+    details = {"per_class_headline": {"alpha": {"a": 4.0, "b": -1.0, "c": 0.0}, "selected_on": "val"},
+               "settings": {"model_sha256": "ab" * 32}}
+    write_json(Path("metrics/details/steer.json"), details)
 
     def row(split, strategy, alpha, cls, n, accuracy, keep):
         return {"split": split, "strategy": strategy, "alpha": alpha, "draw": 0, "class_id": ord(cls) - 97, "class": cls,
@@ -91,10 +94,17 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
     ]
     Path("data/steer").mkdir(parents=True)
     write_results(rows, 3, Path("data/steer/results.parquet"))
-    heads, info = headline_heads(["a", "b"], 3)
+    heads, info = headline_heads(["a", "b"], 3, "ab" * 32)
     # pooled: h0 10/40 = 0.25, h1 30/40 = 0.75, h2 (6 + 15)/40 = 0.525 (unpooled means: 0.5, 0.5, 0.55)
     assert heads == [1, 2]
     assert info["keep_rates_on_selection_split"] == pytest.approx([0.25, 0.75, 0.525])
     assert info["alphas"] == {"a": 4.0, "b": -1.0} and info["images"] == {"val": 40, "test": 40}
     assert info["steered_gated_on_test"]["accuracy_chosen_classes"] == pytest.approx(0.75)
     assert info["steered_gated_on_test"]["head_usage"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)
+
+    # A sweep that ran on other weights is refused; one that does not say (older runs) is read.
+    with pytest.raises(PipelineError, match="other weights"):
+        headline_heads(["a", "b"], 3, "cd" * 32)
+    del details["settings"]
+    write_json(Path("metrics/details/steer.json"), details)
+    assert headline_heads(["a", "b"], 3, "cd" * 32)[0] == [1, 2]

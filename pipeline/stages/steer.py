@@ -39,7 +39,16 @@ from pipeline.steering import (
     sets_to_mask,
     variants_for,
 )
-from pipeline.storage import atomic_path, clean_outputs, read_json, rounded, write_json, write_parquet, write_text
+from pipeline.storage import (
+    atomic_path,
+    clean_outputs,
+    read_json,
+    rounded,
+    weights_sha256,
+    write_json,
+    write_parquet,
+    write_text,
+)
 from pipeline.strategies import STRATEGIES, LatentSets
 
 log = logging.getLogger(__name__)
@@ -118,6 +127,8 @@ def run(params: Params) -> None:
     metrics, headline = analyse(tallies, rows, sp, class_names, n_heads, flops, usage_per_block)
     metrics["settings"]["variants"] = len(variants)
     metrics["settings"]["head_path"] = model.head_path
+    # which weights these rows came from: `export-pruned --heads headline` refuses others
+    metrics["settings"]["model_sha256"] = weights_sha256(finetune.MODEL)
     base_acc, base_usage = metrics["baseline"]["accuracy"], metrics["baseline"]["head_usage"]
     curves = metrics["strategies"]
     head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
