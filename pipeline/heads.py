@@ -95,19 +95,22 @@ class HeadSliceCache:
     """Sliced attentions by (block, gate pattern), least recently used evicted past `max_entries`.
 
     An entry is rebuilt when the block's weights changed in place (their version counters moved:
-    an optimizer step, `load_state_dict`); `GatedViT` clears the cache when it is moved or cast.
+    an optimizer step, `load_state_dict`) or were replaced by other tensors (an assignment of a
+    new `nn.Parameter`, whose counter may well read the same); `GatedViT` clears the cache when
+    it is moved or cast.
     Bounded because a block of H heads has 2^H patterns (ViT-S: at most ~2.4 MB per entry)."""
 
     def __init__(self, max_entries: int = 256):
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, bytes], tuple[tuple[int, ...], KeptHeadsAttention]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, bytes], tuple[list[tuple[Tensor, int]], KeptHeadsAttention]] = OrderedDict()
 
     def attention(self, block: int, attn: nn.Module, pattern: Tensor) -> KeptHeadsAttention:
         """The sliced attention of `attn` keeping the heads where the bool `pattern` is set."""
         key = (block, bytes(pattern.cpu().to(torch.uint8).tolist()))
-        stamp = tuple(p._version for p in attn.parameters())
+        stamp = [(p, p._version) for p in attn.parameters()]
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and len(hit[0]) == len(stamp) and all(
+                old is new and seen == now for (old, seen), (new, now) in zip(hit[0], stamp)):
             self._entries.move_to_end(key)
             return hit[1]
         sliced = KeptHeadsAttention.from_timm(attn, pattern.nonzero().flatten())

@@ -106,6 +106,15 @@ def test_sliced_weights_are_cached_per_pattern_and_follow_the_weights():
     with torch.no_grad():  # an in-place change (an optimizer step, load_state_dict) rebuilds
         model.vit.blocks[3].attn.qkv.weight.mul_(2.0)
     assert torch.allclose(run(model, "skipping", x).logits, run(model, "masked", x).logits, atol=1e-5)
+    # a new parameter object (its version counter may read the same as the old one's) rebuilds too
+    proj = model.vit.blocks[3].attn.proj
+    replacement = torch.nn.Parameter(proj.weight.detach() * -1.0)
+    with torch.no_grad():
+        while replacement._version < proj.weight._version:  # same counter reading: only identity tells
+            replacement.mul_(1.0)
+    assert replacement._version == proj.weight._version
+    proj.weight = replacement
+    assert torch.allclose(run(model, "skipping", x).logits, run(model, "masked", x).logits, atol=1e-5)
     model.double()  # a cast clears the cache: nothing refers to the old tensors
     assert len(model._slices) == 0
     assert run(model, "skipping", x.double()).logits.dtype == torch.float64
