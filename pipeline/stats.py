@@ -20,7 +20,7 @@ Conventions (chosen here, tested in tests/test_stats.py):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,20 +164,12 @@ def top_sets(freq: Tensor, top_k: int) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------- overlaps
-def sets_to_mask(sets: list[list[int]], n_latents: int) -> Tensor:
-    """(len(sets), n_latents) bool mask of latent-index lists (the top sets as stored)."""
-    mask = torch.zeros(len(sets), n_latents, dtype=torch.bool)
-    for row, latents in enumerate(sets):
-        mask[row, torch.as_tensor(latents, dtype=torch.long)] = True
-    return mask
-
-
-def membership(sets: list[Tensor], n_latents: int) -> Tensor:
-    """(S, L) bool one-hot matrix: row s marks the latents in sets[s]."""
+def membership(sets: Sequence[Sequence[int] | Tensor], n_latents: int) -> Tensor:
+    """(S, L) bool one-hot matrix: row s marks the latents in sets[s] (index tensors, or lists
+    of ints as the top sets are stored)."""
     out = torch.zeros(len(sets), n_latents, dtype=torch.bool)
-    if sets:
-        rows = torch.repeat_interleave(torch.arange(len(sets)), torch.tensor([len(s) for s in sets]))
-        out[rows, torch.cat([s.long() for s in sets])] = True
+    for row, latents in enumerate(sets):
+        out[row, torch.as_tensor(latents, dtype=torch.long)] = True
     return out
 
 

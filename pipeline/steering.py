@@ -23,7 +23,7 @@ from torch import Tensor
 from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.progress import progress
 from pipeline.sae import SparseAutoencoder
-from pipeline.stats import sets_to_mask
+from pipeline.stats import membership
 from pipeline.strategies import STRATEGIES, LatentSets, SteerBatch, check_strategies
 
 
@@ -46,7 +46,7 @@ def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:
     candidates = torch.nonzero(alive).flatten()
     gen = torch.Generator().manual_seed(seed)
     rows = [candidates[torch.randperm(len(candidates), generator=gen)[:size]].tolist() for _ in range(draws)]
-    return sets_to_mask(rows, len(alive))
+    return membership(rows, len(alive))
 
 
 def random_class_sets(alive: Tensor, sizes: list[int], draws: int, seed: int) -> Tensor:

@@ -8,6 +8,7 @@ from pipeline.gated_vit import build_gated_vit, model_config
 from pipeline.headline import select_headline
 from pipeline.params import ModelParams
 from pipeline.sae import TopKSAE
+from pipeline.stats import membership
 from pipeline.steering import (
     Tally,
     Variant,
@@ -16,7 +17,6 @@ from pipeline.steering import (
     random_sets,
     result_rows,
     run_sweep,
-    sets_to_mask,
     steer_batch,
     variants_for,
 )
@@ -195,7 +195,7 @@ def test_random_sets_are_seeded_and_drawn_from_alive_latents():
     assert torch.equal(a, b) and a.sum(1).tolist() == [5, 5, 5]
     assert not a[:, ~alive].any()
     assert not torch.equal(a[0], a[1])
-    assert torch.equal(sets_to_mask([[1, 3]], 5), torch.tensor([[False, True, False, True, False]]))
+    assert torch.equal(membership([[1, 3]], 5), torch.tensor([[False, True, False, True, False]]))
 
 
 def test_tally_counts_per_class():

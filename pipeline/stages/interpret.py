@@ -141,8 +141,8 @@ def unit_shifts(top_sets: dict, test_stats: st.LatentStats, attribution: torch.T
     test images at alpha = 1 when steered with its own set (`per_class`) or the global set."""
     n_latents = attribution.shape[0]
     try:
-        per_class = st.sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents)
-        global_set = st.sets_to_mask([top_sets["global"]], n_latents)[0]
+        per_class = st.membership([top_sets["per_class"][name] for name in class_names], n_latents)
+        global_set = st.membership([top_sets["global"]], n_latents)[0]
         mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float64)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None

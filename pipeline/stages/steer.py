@@ -28,6 +28,7 @@ from pipeline.params import Params
 from pipeline.report import featured, render_report
 from pipeline.runtime import pick_device
 from pipeline.sae import load_sae
+from pipeline.stats import membership
 from pipeline.steer_analysis import analyse
 from pipeline.steering import (
     Tally,
@@ -36,7 +37,6 @@ from pipeline.steering import (
     random_sets,
     result_rows,
     run_sweep,
-    sets_to_mask,
     variants_for,
 )
 from pipeline.storage import (
@@ -58,8 +58,8 @@ def load_sets(top_sets: dict, n_latents: int, class_names: list[str], draws: int
     same_classes(top_sets.get("class_names") or [], latent_stats.TOP_SETS, class_names, finetune.MODEL_CONFIG, rerun="latent_stats")
     same_width(top_sets.get("n_latents"), latent_stats.TOP_SETS, n_latents, train_sae.SAE_CONFIG, rerun="latent_stats", what="number of latents")
     mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float32)
-    global_set = sets_to_mask([top_sets["global"]], n_latents)[0]
-    per_class = sets_to_mask([top_sets["per_class"][name] for name in class_names], n_latents)
+    global_set = membership([top_sets["global"]], n_latents)[0]
+    per_class = membership([top_sets["per_class"][name] for name in class_names], n_latents)
     alive = mean_active > 0
     return LatentSets(
         per_class=per_class,
