@@ -6,7 +6,6 @@ computed. The columns are described in `pipeline.embeddings`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,6 @@ from pipeline.embeddings import embedding_schema
 from pipeline.gated_vit import GatedViT, ModelConfig
 from pipeline.progress import progress
 from pipeline.storage import parquet_writer
-
-
-def weights_hash(directory: Path) -> str:
-    """Short sha256 of a model's safetensors file: names the model in downstream metadata."""
-    digest = hashlib.sha256()
-    with open(directory / "model.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:

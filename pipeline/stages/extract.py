@@ -26,14 +26,14 @@ import torch.distributed as dist
 from pipeline.checks import same_classes
 from pipeline.dataset import ImageSet, available_splits, load_images
 from pipeline.embeddings import embedding_schema, read_embeddings
-from pipeline.extraction import extract_split, weights_hash
+from pipeline.extraction import extract_split
 from pipeline.flops import FlopModel, flop_model
 from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit, resolve_head_path
 from pipeline.layout import download, finetune
 from pipeline.layout import extract as files
 from pipeline.params import Params, ParamsError
 from pipeline.runtime import DistInfo, device_and_distributed, finish_distributed
-from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, write_json
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, weights_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def run(params: Params) -> None:
     if bad:
         raise ParamsError(f"extract.layers = {ep.layers}: blocks {bad} do not exist (the model has {model.depth})")
     extra = tuple(sorted(set(ep.layers) - {model.depth - 1}))
-    model_hash = weights_hash(finetune.MODEL)
+    model_hash = weights_sha256(finetune.MODEL)[:16]  # short: names the model in the embeddings' metadata
     # train, val when the data set has one, test (a missing train or test file is named when read)
     splits = ("train", *(("val",) if "val" in available_splits(download.DATASET) else ()), "test")
     metas = {
