@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.extraction import extract_split
-from pipeline.gated_vit import build_gated_vit, model_config, preprocess
-from pipeline.params import ModelParams
+from pipeline.model.config import preprocess
+from pipeline.model.extraction import extract_split
+from pipeline.model.gated_vit import build_gated_vit, model_config
+from pipeline.params.model import ModelParams
 
 SHAPE = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=6)
 

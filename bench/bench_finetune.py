@@ -16,8 +16,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.gated_vit import GatedViT
-from pipeline.training import usage_loss
+from pipeline.model.gated_vit import GatedViT
+from pipeline.model.training import usage_loss
 
 
 def step_fn(model, gated: bool):

@@ -7,7 +7,7 @@ weights built once and cached.
 At the paper's shape (ViT-S/16: width 384, 12 blocks, 6 heads, 197 tokens), with the decision
 networks set so that every gated block keeps k of 6 heads (usage 1.0, 0.67, 0.5, 0.33): the
 measured speed-up of skipping over masking beside the one the FLOP count predicts
-(`pipeline.flops`), at batch 32 and batch 1, and with many distinct patterns in the batch (a
+(`pipeline.model.flops`), at batch 32 and batch 1, and with many distinct patterns in the batch (a
 different random k-subset per image and block). Target: measured >= 0.9 x predicted for usage
 <= 0.5 at batch 32. Same machine, same run, alternating rounds, median reported.
 
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from pipeline.flops import flop_model
-from pipeline.gated_vit import build_gated_vit
-from pipeline.params import ModelParams
+from pipeline.model.flops import flop_model
+from pipeline.model.gated_vit import build_gated_vit
+from pipeline.params.model import ModelParams
 
 SHAPE = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
 

@@ -4,7 +4,7 @@ bench_flops.py measures the two paths at ViT-S/16 shape with gates set by hand; 
 what `extract.heads` / `steer.heads` = `auto` choose on a CPU, with a finished run's trained
 model, its real gates and its own images. Same machine, same batches, rounds alternating
 between the paths, median reported. Beside the measured speed-up: the one the FLOP count
-predicts from the gates the model actually chose (`pipeline.flops`), and how far the paths'
+predicts from the gates the model actually chose (`pipeline.model.flops`), and how far the paths'
 outputs are apart (stored CLS inputs, gates, predictions, the sweep's rows).
 
     .venv/bin/python bench/bench_head_paths.py --root <a finished run> [--params P] [--images 2048] [--sweep-images 500]
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.dataset import load_images
-from pipeline.extraction import batch_records
-from pipeline.flops import flop_model
-from pipeline.gated_vit import load_gated_vit
-from pipeline.params import load_params
-from pipeline.sae import load_sae
+from pipeline.data.dataset import load_images
+from pipeline.model.extraction import batch_records
+from pipeline.model.flops import flop_model
+from pipeline.model.gated_vit import load_gated_vit
+from pipeline.params.file import load_params
+from pipeline.sae.registry import load_sae
 from pipeline.stages.steer import load_sets
-from pipeline.steering import result_rows, run_sweep, variants_for
+from pipeline.steering.sweep import result_rows, run_sweep, variants_for
 from pipeline.storage import read_json
 
 PATHS = ("masked", "skipping")

@@ -22,9 +22,10 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.embeddings import read_embeddings
-from pipeline.params import InterpretParams
-from pipeline.sae import TopKSAE, load_sae
+from pipeline.data.embeddings import read_embeddings
+from pipeline.params.interpret import InterpretParams
+from pipeline.sae.registry import load_sae
+from pipeline.sae.topk import TopKSAE
 from pipeline.stages.interpret import stream_train
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.params import SaeParams
-from pipeline.sae_training import evaluate_sae, input_scale_for, train_sae
+from pipeline.params.sae import SaeParams
+from pipeline.sae.training import evaluate_sae, input_scale_for, train_sae
 
 log = logging.getLogger("bench_sae")
 
@@ -55,7 +55,7 @@ def synthetic_embeddings(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, str]:
     if args.embeddings is not None:
-        from pipeline.embeddings import read_embeddings
+        from pipeline.data.embeddings import read_embeddings
 
         train = read_embeddings(args.embeddings / "train.parquet").x
         test = read_embeddings(args.embeddings / "test.parquet").x
@@ -175,7 +175,7 @@ def main() -> None:
     print()
     print(f"| SAE (median of {args.repeats} runs) | samples/s | test FVU |")
     print("|---|---:|---:|")
-    print(f"| this project (`pipeline.sae_training`) | {rows['ours'][0]:.0f} | {rows['ours'][1]:.4f} |")
+    print(f"| this project (`pipeline.sae.training`) | {rows['ours'][0]:.0f} | {rows['ours'][1]:.4f} |")
     print(f"| overcomplete 0.3.0 TopKSAE ({args.peer_loss}) | {rows['overcomplete'][0]:.0f} | {rows['overcomplete'][1]:.4f} |")
     print(f"| speed ratio (median of per-run ratios) | {statistics.median(ratios):.2f}x | |")
     print(f"\nper-run speed ratios: {[round(r, 2) for r in ratios]}")

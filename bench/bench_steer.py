@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.dataset import load_images
-from pipeline.gated_vit import load_gated_vit
-from pipeline.params import load_params
-from pipeline.sae import load_sae
+from pipeline.data.dataset import load_images
+from pipeline.model.gated_vit import load_gated_vit
+from pipeline.params.file import load_params
+from pipeline.sae.registry import load_sae
 from pipeline.stages.steer import load_sets
-from pipeline.steering import result_rows, run_sweep, variants_for
+from pipeline.steering.sweep import result_rows, run_sweep, variants_for
 from pipeline.storage import read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.errors import ParamsError, PipelineError
+from pipeline.params.file import Params, load_params
 
 app = typer.Typer(
     add_completion=False,
@@ -40,8 +40,8 @@ def _fail(message: str, code: int) -> None:
 
 def _check_registered(params: Params, path: Path) -> None:
     """Names that refer to a registry rather than a fixed list (steering strategies). Checked
-    here, not in params.py, so that no stage depends on the registry's code through its params."""
-    from pipeline.strategies import check_strategies
+    here, not in pipeline/params/, so that no stage depends on the registry's code through its params."""
+    from pipeline.steering.strategies import check_strategies
 
     check_strategies(params.steer.strategies, source=f"invalid parameters in {path}: ")
 
@@ -56,12 +56,33 @@ def _load(path: Path) -> Params:
         raise  # unreachable
 
 
+STAGE_SECTIONS: dict[str, tuple[str, ...] | None] = {
+    "download": ("data",),
+    "finetune": ("model", "finetune"),
+    "extract": ("extract",),
+    "train_sae": ("sae",),
+    "latent_stats": ("stats",),
+    "interpret": ("interpret",),
+    "steer": ("steer",),
+    "report": None,
+}
+"""The params sections each stage's `run` takes, in order (None: the whole file). A stage
+imports only its sections' modules, so editing another section's code does not rerun it;
+dvc.yaml lists the same sections (tests/test_dvc_workflow.py checks both)."""
+
+
+def call_stage(name: str, params: Params) -> None:
+    """Run one stage's `run` on its sections of `params`."""
+    stage = importlib.import_module(f"pipeline.stages.{name}")
+    sections = STAGE_SECTIONS[name]
+    stage.run(params) if sections is None else stage.run(*(getattr(params, s) for s in sections))
+
+
 def _run_stage(module: str, params_path: Path, debug: bool) -> None:
     _setup_logging()
     params = _load(params_path)
-    stage = importlib.import_module(f"pipeline.stages.{module}")
     try:
-        stage.run(params)
+        call_stage(module, params)
     except (PipelineError, ParamsError) as exc:
         if debug:
             raise
@@ -78,7 +99,7 @@ def validate(params: Path = ParamsOption) -> None:
 @app.command("params-doc")
 def params_doc() -> None:
     """Print every parameter with its type, default and meaning (Markdown)."""
-    from pipeline.params import describe_params
+    from pipeline.params.file import describe_params
 
     typer.echo(describe_params())
 
@@ -179,8 +200,14 @@ def export_pruned(
 
 @app.command()
 def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
-    """Amplify latent sets, measure accuracy and head usage; writes the report."""
+    """Amplify latent sets, measure accuracy and head usage; writes data/steer/ and its metrics."""
     _run_stage("steer", params, debug)
+
+
+@app.command()
+def report(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Write metrics/report.md and its figures from the outputs of `steer` and `interpret`."""
+    _run_stage("report", params, debug)
 
 
 PatternOption = typer.Option(..., "--pattern", help="Regular expression on experiment names, e.g. '^demo-seed-'.")
@@ -191,8 +218,8 @@ SummaryDirOption = typer.Option(Path("metrics/summary"), "--out", help="Director
 def summarize(pattern: str = PatternOption, out: Path = SummaryDirOption, debug: bool = DebugOption) -> None:
     """Across finished DVC experiments: spread of the headline numbers and sign agreement."""
     _setup_logging()
-    from pipeline.summary import collect, write_summary
-    from pipeline.summary import summarize as summarize_runs
+    from pipeline.report.summary import collect, write_summary
+    from pipeline.report.summary import summarize as summarize_runs
 
     try:
         runs = collect(pattern)

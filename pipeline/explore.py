@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import plots
-from pipeline.cards import Interpretation, latent_line, load_interpretation, pushes
-from pipeline.dataset import read_images_at
+from pipeline.data.dataset import read_images_at
 from pipeline.errors import PipelineError
+from pipeline.interpret.cards import Interpretation, latent_line, load_interpretation, pushes
+from pipeline.interpret.top_sets import TopSets, read_top_sets
 from pipeline.layout import download, latent_stats, steer
 from pipeline.layout import interpret as files
+from pipeline.report import plots
+from pipeline.steering.results import read_details
 from pipeline.storage import read_json
 
 EXPLORE = Path("explore")
@@ -31,6 +33,12 @@ def _read(path: Path, stage: str) -> dict:
     return read_json(path)
 
 
+def _top_sets() -> TopSets:
+    if not latent_stats.TOP_SETS.exists():
+        raise PipelineError(f"{latent_stats.TOP_SETS} is missing: run `dvc repro latent_stats` first")
+    return read_top_sets(latent_stats.TOP_SETS)
+
+
 def describe_latent(latent: int, out_dir: Path = EXPLORE, images: int = 16, head_base: int = 0) -> tuple[str, Path]:
     """Text about one latent and the path of its image grid (written here)."""
     interp = _interpretation()
@@ -38,20 +46,20 @@ def describe_latent(latent: int, out_dir: Path = EXPLORE, images: int = 16, head
     if not 0 <= latent < n_latents:
         raise PipelineError(f"latent {latent} does not exist: the SAE has latents 0..{n_latents - 1}")
     heads = [f"h{h + head_base}" for h in range(n_heads)]
-    top_sets = _read(latent_stats.TOP_SETS, "latent_stats")
-    in_sets = [name for name, members in top_sets["per_class"].items() if latent in members]
+    top_sets = _top_sets()
+    in_sets = [name for name, members in top_sets.per_class.items() if latent in members]
     lines = [
         latent_line(interp, latent),
         f"mean activation where it fires: {interp.mean_activation[latent]:.4g}",
         "gate-logit change per unit activation: " + ", ".join(f"{h} {a:+.3f}" for h, a in zip(heads, interp.attribution[latent])),
         f"pushes hardest at its mean activation: {pushes(interp, latent, heads)}",
-        f"in the global top set: {'yes' if latent in top_sets['global'] else 'no'}; in the top sets of: {', '.join(in_sets) or 'no class'}",
+        f"in the global top set: {'yes' if latent in top_sets.global_set else 'no'}; in the top sets of: {', '.join(in_sets) or 'no class'}",
     ]
     rows = interp.gallery_rows.get(latent, [])[:images]
     path = out_dir / f"latent_{latent}.png"
     if rows:
         pixels, labels, _ = read_images_at(download.dataset_split("train"), rows)
-        names = top_sets["class_names"]
+        names = top_sets.class_names
         lines.append("most activating training images (row: class): " + ", ".join(f"{r}: {names[c]}" for r, c in zip(rows, labels)))
         out_dir.mkdir(parents=True, exist_ok=True)
         plots.image_rows([(latent_line(interp, latent), pixels)], path, f"latent {latent}: its {len(rows)} most activating training images")
@@ -65,22 +73,22 @@ def describe_class(name: str, card_latents: int = 3, head_base: int = 0) -> str:
     """A class card: its top latents (label, purity, firing rate, heads pushed), the classes it
     shares latents with, and its steering outcome when `steer` has run."""
     interp = _interpretation()
-    top_sets = _read(latent_stats.TOP_SETS, "latent_stats")
-    classes = top_sets["class_names"]
+    top_sets = _top_sets()
+    classes = top_sets.class_names
     if name not in classes:
         close = [c for c in classes if name.lower() in c.lower()][:5]
         raise PipelineError(f"no class '{name}' in this run" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     heads = [f"h{h + head_base}" for h in range(interp.attribution.shape[1])]
     related = _read(latent_stats.DETAILS, "latent_stats").get("related", {}).get(name, [])
     lines = [f"class {name}: top latents (most frequent first)"]
-    for j in top_sets["per_class"][name][:card_latents]:
+    for j in top_sets.per_class[name][:card_latents]:
         lines.append(f"  {latent_line(interp, j)}; pushes {pushes(interp, j, heads)}")
     lines.append("shares latents with: " + (", ".join(f"{r['class']} (overlap {r['overlap']:.2f})" for r in related) or "no class"))
     if steer.DETAILS.exists():
-        headline = read_json(steer.DETAILS).get("per_class_headline", {})
-        if name in headline.get("alpha", {}):
-            lines.append(f"steering (headline, chosen on {headline.get('selected_on', '?')}): alpha {headline['alpha'][name]:+g}, "
-                         f"usage change {headline['usage_change'][name]:+.3f} on test")
+        headline = read_details(steer.DETAILS).per_class_headline
+        if headline is not None and name in headline.alpha:
+            lines.append(f"steering (headline, chosen on {headline.selected_on}): alpha {headline.alpha[name]:+g}, "
+                         f"usage change {headline.usage_change[name]:+.3f} on test")
     else:
         lines.append(f"steering outcome: {steer.DETAILS} is missing (run `dvc repro steer`)")
     shift = interp.unit_shifts[("per_class", "scale")][classes.index(name)]

@@ -22,13 +22,16 @@ from typing import Any
 
 import torch
 
-from pipeline.dataset import load_images
+from pipeline.data.dataset import load_images
 from pipeline.errors import PipelineError
-from pipeline.flops import flop_model
-from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit
 from pipeline.layout import download, finetune, steer
-from pipeline.pruned import latency, majority_heads, prune, save_pruned
-from pipeline.storage import read_json, read_table, rounded, weights_sha256, write_json
+from pipeline.model.config import ModelConfig
+from pipeline.model.flops import flop_model
+from pipeline.model.gated_vit import GatedViT, load_gated_vit
+from pipeline.model.pruned import latency, majority_heads, prune, save_pruned
+from pipeline.steering.results import read_details, read_results
+from pipeline.steering.strategies import PER_CLASS
+from pipeline.storage import rounded, weights_sha256, write_json
 
 HEAD_CHOICES = ("majority", "headline")
 log = logging.getLogger(__name__)
@@ -65,20 +68,19 @@ def headline_heads(classes: list[str], n_heads: int, model_sha256: str) -> tuple
     `model_sha256` (the model being exported)."""
     if not steer.DETAILS.exists() or not steer.RESULTS.exists():
         raise PipelineError(f"{steer.DETAILS} or {steer.RESULTS} is missing: run `dvc repro steer` first")
-    details = read_json(steer.DETAILS)
-    swept_on = details.get("settings", {}).get("model_sha256")
+    details = read_details(steer.DETAILS)
+    swept_on = details.settings.model_sha256
     if swept_on is None:
         log.warning("%s does not say which weights the sweep ran on (written before steer recorded it)", steer.DETAILS)
     elif swept_on != model_sha256:
         raise PipelineError(f"{steer.DETAILS}: the sweep ran on other weights than {finetune.MODEL} "
                             f"(sha256 {swept_on[:12]}… vs {model_sha256[:12]}…); rerun `dvc repro steer`")
-    headline = details.get("per_class_headline")
-    if not headline:
-        raise PipelineError(f"{steer.DETAILS} has no per-class headline (per_class not among steer.strategies)")
-    alphas, split = headline["alpha"], headline["selected_on"]
-    table, _ = read_table(steer.RESULTS, {})
-    rows = [r for r in table.to_pylist()
-            if r["strategy"] == "per_class" and r["class"] in classes and r["alpha"] == alphas.get(r["class"])]
+    headline = details.per_class_headline
+    if headline is None:
+        raise PipelineError(f"{steer.DETAILS} has no per-class headline ({PER_CLASS} not among steer.strategies)")
+    alphas, split = headline.alpha, headline.selected_on
+    rows = [r for r in read_results(steer.RESULTS)
+            if r["strategy"] == PER_CLASS and r["class"] in classes and r["alpha"] == alphas.get(r["class"])]
 
     def pooled(on: str) -> tuple[int, list[float], float]:
         chosen = [r for r in rows if r["split"] == on and r["n"]]

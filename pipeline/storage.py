@@ -9,11 +9,14 @@ Rules kept here so no stage has to remember them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -152,13 +155,15 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
-def read_table(path: Path | str, required: Mapping[str, pa.DataType], optional: tuple[str, ...] = ()) -> tuple[pa.Table, dict[str, Any]]:
+def read_table(path: Path | str, required: Mapping[str, pa.DataType], optional: tuple[str, ...] = (),
+               every_column: bool = False) -> tuple[pa.Table, dict[str, Any]]:
     """Read a whole Parquet table (checked like `open_parquet`) plus its decoded metadata: the
-    `required` columns (all columns if none) and those of `optional` the file has."""
+    `required` columns and those of `optional` the file has (all columns if none are named, or
+    with `every_column`)."""
     pf = open_parquet(path, required)
     present = [name for name in optional if name in pf.schema_arrow.names]
     try:
-        table = pf.read(columns=(list(required) + present) or None)
+        table = pf.read(columns=None if every_column else (list(required) + present) or None)
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt") from None
     return table, metadata_dict(pf.schema_arrow)
@@ -244,3 +249,79 @@ def rounded(value: Any, digits: int = METRIC_DIGITS) -> Any:
     if isinstance(value, (list, tuple)):
         return [rounded(v, digits) for v in value]
     return value
+
+
+# ------------------------------------------------------------------ dataclasses <-> JSON
+# A typed artifact is a dataclass tree; these two functions are its JSON form. Field metadata:
+# `json` renames a field (e.g. `class`, a Python keyword), `omit_none` leaves a None field out
+# instead of writing null (an optional section of the file).
+
+
+def to_json_value(obj: Any) -> Any:
+    """A dataclass tree (dataclasses, lists, tuples, dicts, scalars) as plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            out[f.metadata.get("json", f.name)] = to_json_value(value)
+        return out
+    if isinstance(obj, dict):
+        return {k: to_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_value(v) for v in obj]
+    return obj
+
+
+def from_json_value(kind: Any, raw: Any, where: str = "") -> Any:
+    """Rebuild a value of type `kind` (a dataclass, `X | None`, `list[X]`, `tuple[X, ...]`,
+    `dict[str, X]` or a scalar type) from JSON; a missing field or a wrong shape raises
+    ValueError naming where."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return from_json_value(inner, raw, where)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where or 'value'}: expected an object, got {type(raw).__name__}")
+        hints = typing.get_type_hints(kind)
+        values = {}
+        for f in dataclasses.fields(kind):
+            key = f.metadata.get("json", f.name)
+            if key in raw:
+                values[f.name] = from_json_value(hints[f.name], raw[key], f"{where}.{key}".lstrip("."))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}.{key}: missing".lstrip("."))
+        return kind(**values)
+    if origin in (list, tuple):
+        if not isinstance(raw, list):
+            raise ValueError(f"{where or 'value'}: expected a list, got {type(raw).__name__}")
+        item = args[0] if args else Any
+        values = [from_json_value(item, v, f"{where}[{i}]") for i, v in enumerate(raw)]
+        return tuple(values) if origin is tuple else values
+    if origin is dict:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where or 'value'}: expected an object, got {type(raw).__name__}")
+        return {k: from_json_value(args[1], v, f"{where}.{k}") for k, v in raw.items()}
+    if kind is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    if kind in (int, str, bool) and not isinstance(raw, kind):
+        raise ValueError(f"{where or 'value'}: expected {kind.__name__}, got {raw!r}")
+    return raw
+
+
+def write_dataclass(path: Path | str, obj: Any) -> None:
+    """A typed artifact as sorted-key JSON (the bytes `write_json` gives the same content)."""
+    write_json(path, to_json_value(obj))
+
+
+def read_dataclass(kind: type, path: Path | str, rerun: str) -> Any:
+    """The typed artifact at `path`; a malformed file is a PipelineError naming the stage to rerun."""
+    raw = read_json(path)
+    try:
+        return from_json_value(kind, raw)
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"{path}: malformed ({exc}); rerun `{rerun}`") from None

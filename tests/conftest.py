@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("PIPELINE_LOG", "WARNING")
 
-from pipeline.params import Params, parse_params  # noqa: E402
+from pipeline.params.file import Params, parse_params  # noqa: E402
 
 
 def dvc_env() -> dict[str, str]:
@@ -46,7 +46,7 @@ def write_embeddings(
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.embeddings import embedding_schema
+    from pipeline.data.embeddings import embedding_schema
     from pipeline.storage import parquet_writer
 
     x, labels = np.asarray(x), np.asarray(labels)
@@ -69,6 +69,47 @@ def write_embeddings(
         writer.write_table(pa.Table.from_pydict(columns, schema=schema))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Every command that reads a params file: one per DVC stage (the CLI's own table), and `validate`.
+from pipeline.cli import STAGE_SECTIONS  # noqa: E402
+
+STAGE_COMMANDS = [name.replace("_", "-") for name in STAGE_SECTIONS]
+PARAMS_COMMANDS = [*STAGE_COMMANDS, "validate"]
+
+TINY_SHAPE: dict[str, int] = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
+"""The shape of the tiny ViTs the model-level tests build (`ModelParams(**TINY_SHAPE)`)."""
+
+
+def steer_details(strategies: list[str], with_headline: bool, acc_ci: tuple[float, float] = (-0.01, 0.02)) -> dict:
+    """metrics/details/steer.json as the steer stage writes it, with hand-made numbers
+    (tests/test_report.py, tests/test_pruned.py)."""
+    metrics = {
+        "baseline": {"accuracy": 0.372, "head_usage": 0.561},
+        "strategies": {s: {"alpha": [-1.0, 0.0, 4.0], "accuracy": [0.36, 0.372, 0.37], "head_usage": [0.6, 0.561, 0.5],
+                           "accuracy_range": [[0.36, 0.36], [0.372, 0.372], [0.37, 0.37]],
+                           "head_usage_range": [[0.6, 0.6], [0.561, 0.561], [0.5, 0.5]],
+                           "accuracy_ci": [[0.35, 0.37], [0.36, 0.38], [0.36, 0.38]],
+                           "head_usage_ci": [[0.59, 0.61], [0.55, 0.57], [0.49, 0.51]]} for s in strategies},
+        "flops": {"gflops_dense": 0.08, "gflops_unsteered": 0.05, "final_block_attention_gflops_dense": 0.004},
+        "settings": {"mode": "scale", "keep_error": True, "accuracy_tolerance": 0.0, "select_on": "val", "bootstrap": 1000,
+                     "confidence": 0.95, "null_draws": 20, "head_index_base": 0, "images": {"val": 150, "test": 300},
+                     "variants": 10, "head_path": "masked"},
+    }
+    if with_headline:
+        metrics["per_class_headline"] = {
+            "mean_usage_reduction": 0.054, "mean_usage_change": -0.054, "mean_usage_change_ci": [-0.07, -0.04],
+            "mean_accuracy_change": 0.005, "mean_accuracy_change_ci": list(acc_ci), "classes_with_reduction": 2,
+            "classes_with_reduction_ci_below_zero": 1, "alpha_counts": {"negative": 0, "zero": 1, "positive": 2},
+            "alpha": {}, "usage_change": {}, "mean_gflops_change": -0.001, "selected_on": "val", "top": [],
+            "null": {"classes_below": 1, "classes_above": 0, "classes": 3, "per_alpha": {}},
+        }
+        metrics["predicted_class_policy"] = {
+            "mean_usage_change": -0.03, "mean_usage_change_ci": [-0.05, -0.01], "mean_accuracy_change": -0.01,
+            "mean_accuracy_change_ci": [-0.03, 0.01], "classes_with_reduction": 1, "classes_with_reduction_ci_below_zero": 0,
+            "alpha": {},
+        }
+    return metrics
+
 
 # The smallest parameters that still exercise every stage: 4 synthetic classes of 16x16
 # images, a 2-block ViT of width 24 with 3 heads, one epoch of everything.
@@ -152,7 +193,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
 
 
-# ------------------------------------------------------------- reliability summary (issue 9)
+# ------------------------------------------------------------------------ reliability summary
 # tests/test_reliability.py counts what it actually executes: every hypothesis example (through
 # `reliability_case`) and every scenario test (through the hook below). The run ends with one
 # line, `reliability: N cases tried, F failures`.

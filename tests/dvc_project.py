@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params import parse_params
+from pipeline.params.file import parse_params
 
 from conftest import REPO_ROOT, dvc_env
 

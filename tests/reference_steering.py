@@ -1,5 +1,5 @@
 """The naive steering reference: the whole model once per variant, and the steering formula
-written out again here, independently of `pipeline.steering` (so a wrong formula there cannot
+written out again here, independently of `pipeline.steering.sweep` (so a wrong formula there cannot
 pass by being shared). Used by tests/test_steering.py and bench/bench_steer.py."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.steering import steering_mask
+from pipeline.steering.sweep import steering_mask
 
 
 def steer_codes(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: Tensor) -> Tensor:
-    """METHOD.md 5: z'_j = (1 + alpha) z_j (scale) or z_j + alpha m_j (add) for the masked j;
+    """docs/METHOD.md, section 5: z'_j = (1 + alpha) z_j (scale) or z_j + alpha m_j (add) for the masked j;
     the other latents unchanged. (Same float arithmetic as the library, so the two paths'
     gates agree exactly; the formula itself is checked on hand-computed values.)"""
     steered = (1 + alpha) * z if mode == "scale" else z + alpha * mean_active

@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.gated_vit import build_gated_vit, model_config
-from pipeline.params import AugmentParams, parse_params
-from pipeline.training import apply_policy, augment, mix, train
+from pipeline.model.gated_vit import build_gated_vit, model_config
+from pipeline.model.training import apply_policy, augment, mix, train
+from pipeline.params.file import parse_params
+from pipeline.params.finetune import AugmentParams
 
 from conftest import REPO_ROOT
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import tarfile
 import urllib.error
@@ -18,13 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import dataset, sources
+from pipeline.data import dataset, sources
+from pipeline.data.sources import synthetic
 from pipeline.errors import PipelineError
-from pipeline.sources import synthetic
 from pipeline.stages import download
 from pipeline.storage import metadata_dict
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
+LOCAL_CIFAR = Path(os.environ.get("PIPELINE_CIFAR100", Path(__file__).resolve().parents[1] / "data" / "images" / "cifar100"))
+"""A real CIFAR-100 image folder, where a machine has one: the configs' `data.path`, or $PIPELINE_CIFAR100."""
 
 
 @pytest.fixture
@@ -107,7 +109,7 @@ def test_the_validation_split_is_carved_from_train_stratified_seeded_and_disjoin
 
 
 def test_a_validation_split_that_would_empty_a_class_is_refused(tmp_path, tiny_params):
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError
 
     data = tiny_params(data={"val_per_class": 5, "synthetic": {"train_per_class": 5}}).data
     with pytest.raises(ParamsError, match="data.val_per_class = 5: class 0 has only 5 training images"):
@@ -115,7 +117,7 @@ def test_a_validation_split_that_would_empty_a_class_is_refused(tmp_path, tiny_p
 
 
 def test_selecting_on_validation_needs_a_validation_split(tiny_params):
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError
 
     with pytest.raises(ParamsError, match="steer.select_on 'val' needs a validation split"):
         tiny_params(data={"val_per_class": 0}, steer={"select_on": "val"})
@@ -242,7 +244,7 @@ def test_first_per_class():
 
 
 def test_download_stage_writes_dataset_and_metrics(in_tmp, tiny_params):
-    download.run(tiny_params())
+    download.run(tiny_params().data)
     assert sorted(p.name for p in (in_tmp / "data" / "dataset").iterdir()) == ["test.parquet", "train.parquet"]
     assert sorted(p.name for p in (in_tmp / "data").iterdir()) == ["dataset"]  # no temporaries left
     metrics = json.loads((in_tmp / "metrics" / "dataset.json").read_text())
@@ -253,7 +255,7 @@ def test_download_stage_writes_dataset_and_metrics(in_tmp, tiny_params):
 
 def test_reading_rows_and_groups_of_rows_gives_the_stored_images(in_tmp, tiny_params):
     """The galleries' reads: chosen rows decode to the split's own images, in the order asked."""
-    download.run(tiny_params())
+    download.run(tiny_params().data)
     path = in_tmp / "data" / "dataset" / "train.parquet"
     whole = dataset.load_images(path)
     rows = [5, 0, 63, 5]
@@ -318,7 +320,7 @@ def test_imagefolder_reads_a_tree(tmp_path, tiny_params):
 
 def test_imagefolder_reads_lossless_webp_as_the_same_pixels(tmp_path, tiny_params):
     # a lossless WebP copy of a PNG folder (about 20% smaller: how CIFAR-100 travelled to the GPU
-    # machine for issue 18) gives the same pixels, re-encoded as PNG
+    # machine for the cifar100-gpu run) gives the same pixels, re-encoded as PNG
     for split, seed in (("train", 1), ("test", 2)):
         for name, offset in (("cat", 0), ("dog", 10)):
             folder = tmp_path / "tree" / split / name
@@ -405,18 +407,18 @@ def test_imagefolder_errors_leave_nothing(in_tmp, tiny_params, breaker, message)
     _make_tree(tree)
     breaker(tree)
     with pytest.raises(PipelineError, match=message):
-        download.run(tiny_params(data={"source": "imagefolder", "path": str(tree)}))
+        download.run(tiny_params(data={"source": "imagefolder", "path": str(tree)}).data)
     _nothing_written(in_tmp)
 
 
 def test_failed_run_keeps_previous_dataset(in_tmp, tiny_params):
-    download.run(tiny_params())
+    download.run(tiny_params().data)
     before = {p.name: p.read_bytes() for p in (in_tmp / "data" / "dataset").iterdir()}
     tree = in_tmp / "tree"
     _make_tree(tree)
     _break_truncated(tree)
     with pytest.raises(PipelineError):
-        download.run(tiny_params(data={"source": "imagefolder", "path": str(tree)}))
+        download.run(tiny_params(data={"source": "imagefolder", "path": str(tree)}).data)
     after = {p.name: p.read_bytes() for p in (in_tmp / "data" / "dataset").iterdir()}
     assert after == before
     assert sorted(p.name for p in (in_tmp / "data").iterdir()) == ["dataset"]
@@ -469,7 +471,7 @@ def test_a_bad_class_names_file_exits_2_naming_the_key_and_writes_nothing(in_tmp
 
 
 def test_class_names_need_an_image_folder(tiny_params):
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError
 
     with pytest.raises(ParamsError, match="`class_names` names image folders: it needs source 'imagefolder'"):
         tiny_params(data={"class_names": "words.txt"})
@@ -490,9 +492,9 @@ def test_cli_reports_a_bad_folder(in_tmp, tiny_params_dict):
     _nothing_written(in_tmp)
 
 
-@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="no local CIFAR-100 image folder at ../shared/data/cifar100")
+@pytest.mark.skipif(not LOCAL_CIFAR.is_dir(), reason="no local CIFAR-100 image folder (data/images/cifar100 or $PIPELINE_CIFAR100)")
 def test_imagefolder_real_cifar100(tmp_path, tiny_params):
-    data = tiny_params(data={"source": "imagefolder", "path": str(SHARED_CIFAR), "max_per_class": 2}).data
+    data = tiny_params(data={"source": "imagefolder", "path": str(LOCAL_CIFAR), "max_per_class": 2}).data
     summary = sources.build_dataset(data, tmp_path)
     assert summary["num_classes"] == 100 and summary["image_size"] == [32, 32]
     assert summary["class_names"][:3] == ["apple", "aquarium_fish", "baby"]
@@ -560,7 +562,7 @@ def fake_cifar(tmp_path, monkeypatch):
 
 
 def test_cifar100_downloads_and_converts(in_tmp, tiny_params, fake_cifar):
-    download.run(tiny_params(data={"source": "cifar100"}))
+    download.run(tiny_params(data={"source": "cifar100"}).data)
     assert fake_cifar["calls"], "torchvision fetched the archive through urlopen"
     assert (in_tmp / "data" / "raw" / "cifar-100-python.tar.gz").exists()  # default cache
     arrays = fake_cifar["arrays"]
@@ -576,7 +578,7 @@ def test_cifar100_downloads_and_converts(in_tmp, tiny_params, fake_cifar):
 
 
 def test_cifar100_max_per_class(in_tmp, tiny_params, fake_cifar):
-    download.run(tiny_params(data={"source": "cifar100", "path": "cache", "max_per_class": 1}))
+    download.run(tiny_params(data={"source": "cifar100", "path": "cache", "max_per_class": 1}).data)
     labels = fake_cifar["arrays"]["train_labels"].tolist()
     train = dataset.load_images(in_tmp / "data" / "dataset" / "train.parquet")
     expected = [labels.index(c) for c in sorted(set(labels), key=labels.index)]
@@ -589,7 +591,7 @@ def test_cifar100_checksum_mismatch(in_tmp, tiny_params, fake_cifar, monkeypatch
 
     monkeypatch.setattr(CIFAR100, "tgz_md5", "0" * 32)
     with pytest.raises(PipelineError, match="checksum mismatch.*expected archive md5 0000"):
-        download.run(tiny_params(data={"source": "cifar100"}))
+        download.run(tiny_params(data={"source": "cifar100"}).data)
     _nothing_written(in_tmp)
 
 
@@ -598,7 +600,7 @@ def test_cifar100_offline_says_how_to_use_a_local_copy(in_tmp, tiny_params, fake
 
     monkeypatch.setattr(CIFAR100, "url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz")
     with pytest.raises(PipelineError) as excinfo:
-        download.run(tiny_params(data={"source": "cifar100"}))
+        download.run(tiny_params(data={"source": "cifar100"}).data)
     message = str(excinfo.value)
     assert "downloading https://www.cs.toronto.edu" in message and "name resolution" in message
     assert "cifar-100-python.tar.gz" in message and "data/raw" in message
@@ -608,7 +610,7 @@ def test_cifar100_offline_says_how_to_use_a_local_copy(in_tmp, tiny_params, fake
     (in_tmp / "data" / "raw").mkdir(parents=True, exist_ok=True)
     (in_tmp / "data" / "raw" / "cifar-100-python.tar.gz").write_bytes(fake_cifar["archive"].read_bytes())
     fake_cifar["calls"].clear()
-    download.run(tiny_params(data={"source": "cifar100"}))
+    download.run(tiny_params(data={"source": "cifar100"}).data)
     assert fake_cifar["calls"] == []
     assert (in_tmp / "data" / "dataset" / "train.parquet").exists()
 

@@ -15,11 +15,12 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from pipeline.gated_vit import GatedViT, ModelConfig, build_gated_vit, load_gated_vit, model_config
-from pipeline.params import Params, parse_params
+from pipeline.model.config import ModelConfig
+from pipeline.model.gated_vit import GatedViT, build_gated_vit, load_gated_vit, model_config
+from pipeline.model.training import train
+from pipeline.params.file import Params, parse_params
 from pipeline.runtime import DistInfo, seed_everything
 from pipeline.stages import download
-from pipeline.training import train
 
 from conftest import TINY_PARAMS, _merge
 
@@ -28,7 +29,7 @@ from conftest import TINY_PARAMS, _merge
 def test_two_process_torchrun_finetune_writes_the_same_kind_of_outputs(in_tmp):
     raw = _merge(TINY_PARAMS, {"finetune": {"nproc": 2, "batch_size": 16, "epochs": 2}})
     params = parse_params(raw)
-    download.run(params)
+    download.run(params.data)
     Path("params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_LOG": "INFO"}

@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.params import parse_params
-from pipeline.strategies import STRATEGIES
-from pipeline.summary import flatten
+from pipeline.params.file import parse_params
+from pipeline.report.summary import flatten
+from pipeline.steering.strategies import STRATEGIES
 
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
 
-ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer"}
+ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "report"}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -109,7 +109,7 @@ def test_each_configuration_is_a_full_valid_params_file(path):
 
 def test_configuration_values_are_the_documented_ones():
     cifar = yaml.safe_load((REPO_ROOT / "configs/cifar100-cpu.yaml").read_text())
-    assert cifar["data"]["source"] == "imagefolder" and cifar["data"]["path"] == "../shared/data/cifar100"
+    assert cifar["data"]["source"] == "imagefolder" and cifar["data"]["path"] == "data/images/cifar100"
     assert (cifar["model"]["img_size"], cifar["model"]["patch_size"], cifar["model"]["depth"]) == (32, 4, 6)
     paper = parse_params(yaml.safe_load((REPO_ROOT / "configs/paper.yaml").read_text()))
     assert paper.data.source == "cifar100" and paper.model.pretrained and paper.model.img_size == 224
@@ -307,9 +307,7 @@ def _pipeline_imports(path: Path) -> set[str]:
 
 # Packages whose __init__ finds its modules at run time (a registry): importing the package
 # uses every module in it, which no import statement names.
-DISCOVERED_PACKAGES = {"pipeline.sources"}
-# Package files that hold nothing but a docstring: never a dependency.
-EMPTY_PACKAGES = {"pipeline", "pipeline.stages", "pipeline.layout"}
+DISCOVERED_PACKAGES = {"pipeline.data.sources"}
 
 
 def _module_file(name: str) -> Path | None:
@@ -319,8 +317,15 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _only_a_docstring(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
 def _code_closure(module: str) -> set[str]:
-    """The .py files of `module` and of every pipeline module it imports, transitively."""
+    """The .py files of `module` and of every pipeline module it imports, transitively, with
+    the packages Python runs on the way (`import a.b.c` runs a/__init__.py and a/b/__init__.py
+    first). A package file that holds nothing but a docstring runs no code: never a dependency."""
     files, todo, seen = set(), [module], set()
     while todo:
         name = todo.pop()
@@ -328,9 +333,11 @@ def _code_closure(module: str) -> set[str]:
         if name in seen or path is None:
             continue
         seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
         if name in DISCOVERED_PACKAGES:
             todo += [f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]
-        if name not in EMPTY_PACKAGES:
+        if not (path.name == "__init__.py" and _only_a_docstring(path)):
             files.add(path.relative_to(REPO_ROOT).as_posix())
         todo.extend(_pipeline_imports(path))
     return files
@@ -348,11 +355,13 @@ def _listed_code(deps: list[str]) -> set[str]:
     return files
 
 
-def test_empty_packages_hold_only_a_docstring():
-    """What lets the closure below leave them out."""
-    for name in EMPTY_PACKAGES:
-        body = ast.parse(_module_file(name).read_text()).body
-        assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body), name
+def test_every_package_says_what_lives_there_and_runs_no_code_unless_it_is_a_registry():
+    """Each subpackage's __init__ is one docstring (the map a newcomer reads), which is also
+    what keeps it out of every stage's dependencies; only a registry package holds code."""
+    for init in sorted((REPO_ROOT / "pipeline").rglob("__init__.py")):
+        name = init.parent.relative_to(REPO_ROOT).as_posix().replace("/", ".")
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{name} has no docstring"
+        assert _only_a_docstring(init) or name in DISCOVERED_PACKAGES, name
 
 
 def test_every_stage_lists_exactly_the_code_it_imports():
@@ -369,12 +378,12 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     """The point of the module split: editing a data source reruns `download` only, editing the
     SAE trainer reruns `train_sae` only, and `extract` no longer depends on the training loop."""
     closures = {name: _code_closure(f"pipeline.stages.{name}") for name in ALL_STAGES}
-    source_files = {f"pipeline/sources/{p.name}" for p in (REPO_ROOT / "pipeline/sources").glob("*.py")}
-    assert {"pipeline/sources/synthetic.py", "pipeline/sources/imagefolder.py", "pipeline/sources/cifar100.py"} <= source_files
+    source_files = {f"pipeline/data/sources/{p.name}" for p in (REPO_ROOT / "pipeline/data/sources").glob("*.py")}
+    assert {"pipeline/data/sources/synthetic.py", "pipeline/data/sources/imagefolder.py", "pipeline/data/sources/cifar100.py"} <= source_files
     assert [n for n, c in closures.items() if c & source_files] == ["download"]
-    assert [n for n, c in closures.items() if "pipeline/sae_training.py" in c] == ["train_sae"]
-    assert "pipeline/training.py" not in closures["extract"]
-    assert {n for n, c in closures.items() if "pipeline/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer"}
+    assert [n for n, c in closures.items() if "pipeline/sae/training.py" in c] == ["train_sae"]
+    assert "pipeline/model/training.py" not in closures["extract"]
+    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer"}
 
 
 def _outputs(stage: dict) -> set[str]:
@@ -416,8 +425,8 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
     # changing, interpret and steer rerun; nothing upstream does.
     stage.write_text(
         original
-        + "\n\n_run = run\n\n\ndef run(params):\n"
-        + "    _run(params.model_copy(update={'stats': params.stats.model_copy(update={'top_k': 3})}))\n"
+        + "\n\n_run = run\n\n\ndef run(cfg):\n"
+        + "    _run(cfg.model_copy(update={'top_k': 3}))\n"
     )
     assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer"}
     top_sets = json.loads((repo / "data/stats/top_sets.json").read_text())
@@ -434,18 +443,18 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
 
 @pytest.mark.slow
 def test_editing_a_source_or_the_sae_trainer_reruns_only_its_stage(project):
-    """Issue 13's rerun guarantee on the real `dvc`: an edited CIFAR-100 error message reruns
+    """The rerun guarantee of the module split, on the real `dvc`: an edited CIFAR-100 error message reruns
     `download` alone (its data set comes out byte-identical, so `finetune` stays cached), and
     an edit of the SAE trainer that keeps its outputs reruns `train_sae` alone."""
     repo = project.repo
-    cifar = repo / "pipeline/sources/cifar100.py"
+    cifar = repo / "pipeline/data/sources/cifar100.py"
     cifar.write_text(cifar.read_text().replace("no network?", "no network here?"))
     status = sh(repo, "dvc", "status")
     assert "download" in status and "finetune" not in status
     assert ran_stages(sh(repo, "dvc", "repro")) == {"download"}
     commit(repo, "cifar100 message")
 
-    trainer = repo / "pipeline/sae_training.py"
+    trainer = repo / "pipeline/sae/training.py"
     trainer.write_text(trainer.read_text() + "\n# a comment\n")
     assert ran_stages(sh(repo, "dvc", "repro")) == {"train_sae"}
     commit(repo, "trainer comment")

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.dataset import load_images
-from pipeline.embeddings import read_embeddings
+from pipeline.data.dataset import load_images
+from pipeline.data.embeddings import read_embeddings
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import load_gated_vit
-from pipeline.params import parse_params
+from pipeline.model.gated_vit import load_gated_vit
+from pipeline.params.file import parse_params
 from pipeline.stages import download, extract, finetune
 
 from conftest import TINY_PARAMS, _merge
@@ -30,9 +30,9 @@ def workdir(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        download.run(params)
-        finetune.run(params)
-        extract.run(params)
+        download.run(params.data)
+        finetune.run(params.model, params.finetune)
+        extract.run(params.extract)
     finally:
         os.chdir(cwd)
     return root
@@ -82,7 +82,7 @@ def test_both_head_paths_store_the_same_rows_and_say_which_ran(workdir, tmp_path
     monkeypatch.chdir(run)
     tables = {}
     for path in ("masked", "skipping"):
-        extract.run(tiny_params(extract={"layers": [0], "batch_size": 20, "heads": path}))
+        extract.run(tiny_params(extract={"layers": [0], "batch_size": 20, "heads": path}).extract)
         assert json.loads(Path("metrics/details/extract.json").read_text())["head_path"] == path
         tables[path] = {split: read_embeddings(Path(f"data/embeddings/{split}.parquet")) for split in ("train", "val", "test")}
     for split, masked in tables["masked"].items():
@@ -97,7 +97,7 @@ def test_both_head_paths_store_the_same_rows_and_say_which_ran(workdir, tmp_path
 def test_extract_is_byte_identical_on_rerun(workdir, tiny_params, monkeypatch):
     before = {p.name: p.read_bytes() for p in (workdir / "data/embeddings").iterdir()}
     monkeypatch.chdir(workdir)
-    extract.run(tiny_params(extract={"layers": [0], "batch_size": 20}))
+    extract.run(tiny_params(extract={"layers": [0], "batch_size": 20}).extract)
     after = {p.name: p.read_bytes() for p in (workdir / "data/embeddings").iterdir()}
     assert before == after
 
@@ -117,12 +117,12 @@ def test_truncated_and_mismatched_files_give_clear_errors(workdir, tmp_path):
 
 
 def test_layer_beyond_the_model_is_a_parameter_error(workdir, tmp_path, tiny_params, monkeypatch):
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError
 
     shutil.copytree(workdir, tmp_path / "w", dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path / "w")
     with pytest.raises(ParamsError, match="extract.layers"):
-        extract.run(tiny_params(extract={"layers": [7]}))
+        extract.run(tiny_params(extract={"layers": [7]}).extract)
 
 
 def test_gflops_per_image_follow_every_blocks_kept_heads_and_finetunes_usage(workdir):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.params import parse_params
+from pipeline.params.file import parse_params
 from pipeline.stages import download, finetune
 from pipeline.stages.extract import shard_rows
 
@@ -45,8 +45,8 @@ def test_two_process_torchrun_extract_is_byte_identical_to_one_process(in_tmp):
     # the optional columns too.
     raw = _merge(TINY_PARAMS, {"extract": {"batch_size": 20, "layers": [0], "nproc": 2}})
     params = parse_params(raw)
-    download.run(params)
-    finetune.run(params)
+    download.run(params.data)
+    finetune.run(params.model, params.finetune)
     Path("params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
 
     # CPU kernels reduce in an order that depends on the thread count, so both runs use one

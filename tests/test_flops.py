@@ -8,12 +8,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.flops import flop_model
-from pipeline.gated_vit import build_gated_vit
-from pipeline.heads import run_block_with_heads
-from pipeline.params import ModelParams
+from pipeline.model.flops import flop_model
+from pipeline.model.gated_vit import build_gated_vit
+from pipeline.model.heads import run_block_with_heads
+from pipeline.params.model import ModelParams
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
+from conftest import TINY_SHAPE
+
+TINY = TINY_SHAPE
 
 
 def tiny(seed: int = 0, **shape):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import (
+from pipeline.model.gated_vit import (
     GatedViT,
     build_gated_vit,
     gumbel_sigmoid_st,
@@ -18,10 +18,12 @@ from pipeline.gated_vit import (
     model_config,
     save_gated_vit,
 )
-from pipeline.params import ModelParams
-from pipeline.training import usage_loss
+from pipeline.model.training import usage_loss
+from pipeline.params.model import ModelParams
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
+from conftest import TINY_SHAPE
+
+TINY = TINY_SHAPE
 
 
 def tiny_model(seed: int = 0, **overrides) -> GatedViT:
@@ -155,7 +157,7 @@ def test_malicious_checkpoint_is_rejected(tmp_path):
 
 # ------------------------------------------------------------------------------ preprocessing
 def test_preprocess_at_the_native_size_only_normalises():
-    from pipeline.gated_vit import preprocess
+    from pipeline.model.config import preprocess
 
     raw = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = preprocess(raw, 8, [0.5, 0.25, 0.0], [0.5, 0.5, 2.0])
@@ -166,7 +168,7 @@ def test_preprocess_at_the_native_size_only_normalises():
 def test_preprocess_upsamples_bilinearly_as_the_paper_configuration_does():
     """The paper's setting feeds 32 px CIFAR images to a 224 px ViT-S/16. Bilinear with
     half-pixel centres: a 2-pixel row 0, 255 becomes 0, 1/4, 3/4, 1 at 4 pixels."""
-    from pipeline.gated_vit import preprocess
+    from pipeline.model.config import preprocess
 
     row = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 2, 2)
     out = preprocess(row, 4, [0.0] * 3, [1.0] * 3)
@@ -179,7 +181,7 @@ def test_preprocess_upsamples_bilinearly_as_the_paper_configuration_does():
 def test_preprocess_antialiases_when_it_shrinks():
     """One-pixel stripes shrunk 3x: without antialiasing bilinear sampling would pick single
     stripes (values 0 or 1); the antialiased result is their local average, near 1/2."""
-    from pipeline.gated_vit import preprocess
+    from pipeline.model.config import preprocess
 
     stripes = (torch.arange(96) % 2 * 255).to(torch.uint8).view(1, 1, 1, 96).expand(1, 3, 96, 96)
     out = preprocess(stripes, 32, [0.0] * 3, [1.0] * 3)
@@ -188,7 +190,7 @@ def test_preprocess_antialiases_when_it_shrinks():
 
 
 def test_the_model_config_preprocesses_at_its_own_size_and_round_trips_through_json():
-    from pipeline.gated_vit import ModelConfig, preprocess
+    from pipeline.model.config import ModelConfig, preprocess
 
     model = tiny_model()
     config = model_config(ModelParams(**{**TINY, "img_size": 32}), tiny_model(img_size=32).vit, 5, list("abcde"), tau=5.0)

@@ -1,4 +1,4 @@
-"""The steering headline (issue 15): alpha chosen on validation and reported on test, bootstrap
+"""The steering headline: alpha chosen on validation and reported on test, bootstrap
 intervals, the random-set null, and the deployable predicted-class policy."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline
-from pipeline.strategies import LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
-from pipeline.uncertainty import class_bootstrap, class_means, interval, pooled, side
+from pipeline.steering.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline
+from pipeline.steering.strategies import LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
+from pipeline.steering.uncertainty import class_bootstrap, class_means, interval, pooled, side
 
 
 def row(split_acc: float, usage: float, class_id: int, alpha: float, strategy: str = "per_class", draw: int = 0) -> dict:
@@ -107,7 +107,7 @@ def test_a_decision_network_that_ignores_the_sae_flags_no_class():
     class set's effect and every random set's are all 0: no class lies outside the null."""
     from test_steering import setup
 
-    from pipeline.steering import result_rows, run_sweep, variants_for
+    from pipeline.steering.sweep import result_rows, run_sweep, variants_for
 
     model, sae, config, images, labels, sets = setup()
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_the_sweep_feeds_the_unsteered_prediction_to_the_predicted_strategy():
     right and the oracle of the predicted class elsewhere; checked against the naive path."""
     from test_steering import setup
 
-    from pipeline.steering import result_rows, run_sweep, variants_for
+    from pipeline.steering.sweep import result_rows, run_sweep, variants_for
 
     from reference_steering import steer_batch_naive
 

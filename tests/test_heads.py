@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import build_gated_vit, resolve_head_path
-from pipeline.params import ModelParams
+from pipeline.model.gated_vit import build_gated_vit, resolve_head_path
+from pipeline.params.model import ModelParams
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=4)
+from conftest import TINY_SHAPE
+
+TINY = {**TINY_SHAPE, "depth": 4}
 
 
 def spread_gates(seed: int = 2, dtype=torch.float32):
@@ -121,7 +123,7 @@ def test_sliced_weights_are_cached_per_pattern_and_follow_the_weights():
 
 
 def test_the_cache_is_bounded():
-    from pipeline.heads import HeadSliceCache
+    from pipeline.model.heads import HeadSliceCache
 
     model = spread_gates()
     cache = HeadSliceCache(max_entries=2)

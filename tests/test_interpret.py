@@ -1,4 +1,4 @@
-"""pipeline/interpret.py against brute force and hand-built cases; pipeline/cards.py's join."""
+"""pipeline/interpret/latents.py against brute force and hand-built cases; pipeline/interpret/cards.py's join."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import interpret as it
-from pipeline.cards import Interpretation, compare_shifts, pushes
-from pipeline.sae import TopKSAE
-from pipeline.steering import steer_latents, steered_input
+from pipeline.interpret import latents as it
+from pipeline.interpret.cards import Interpretation, compare_shifts, pushes
+from pipeline.sae.topk import TopKSAE
+from pipeline.steering.sweep import steer_latents, steered_input
 
 
 # ------------------------------------------------------------------------------- galleries
@@ -182,8 +182,8 @@ def test_compare_shifts_pairs_alpha_times_unit_shift_with_the_keep_change_from_a
     assert comparison.predicted.tolist() == [2.0, -4.0, 1.0, 0.0]
     assert comparison.measured.tolist() == pytest.approx([0.2, -0.4, 0.0, 0.1])
     summary = comparison.summary()["per_class"]
-    assert summary["points"] == 4 and summary["moved"] == 3
-    assert summary["sign_agreement"] == pytest.approx(2 / 3)  # the last point moved against a zero prediction
+    assert summary.points == 4 and summary.moved == 3
+    assert summary.sign_agreement == pytest.approx(2 / 3)  # the last point moved against a zero prediction
 
 
 def test_pushes_names_the_strongest_heads_at_the_mean_activation():

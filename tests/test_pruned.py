@@ -1,4 +1,4 @@
-"""Class-specific compact models (pipeline/pruned.py): the same outputs as the gated model on
+"""Class-specific compact models (pipeline/model/pruned.py): the same outputs as the gated model on
 images whose gates match the kept heads, a plain timm ViT on disk."""
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import GatedViT, build_gated_vit, model_config
-from pipeline.heads import KeptHeadsAttention
-from pipeline.params import ModelParams
-from pipeline.pruned import load_pruned, majority_heads, prune, save_pruned
+from pipeline.model.gated_vit import GatedViT, build_gated_vit, model_config
+from pipeline.model.heads import KeptHeadsAttention
+from pipeline.model.pruned import load_pruned, majority_heads, prune, save_pruned
+from pipeline.params.model import ModelParams
 
-SHAPE = dict(name="vit_small_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=3, keep_layers=1)
+from conftest import TINY_SHAPE, steer_details
+
+SHAPE = dict(name="vit_small_patch16_224", **{**TINY_SHAPE, "depth": 4, "num_heads": 3}, keep_layers=1)
 
 
 def gated_with_fixed_gates(kept: list[list[int]]) -> GatedViT:
@@ -71,12 +73,13 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
     """Final-block heads for `--heads headline`: at each class's selected alpha (per_class
     strategy, selection split), rates pooled by image count, kept where above one half."""
     from pipeline.export_pruned import headline_heads
-    from pipeline.stages.steer import write_results
+    from pipeline.steering.results import write_results
     from pipeline.storage import write_json
 
     monkeypatch.chdir(tmp_path)
-    details = {"per_class_headline": {"alpha": {"a": 4.0, "b": -1.0, "c": 0.0}, "selected_on": "val"},
-               "settings": {"model_sha256": "ab" * 32}}
+    details = steer_details(["per_class"], True)
+    details["per_class_headline"].update(alpha={"a": 4.0, "b": -1.0, "c": 0.0}, selected_on="val")
+    details["settings"]["model_sha256"] = "ab" * 32
     write_json(Path("metrics/details/steer.json"), details)
 
     def row(split, strategy, alpha, cls, n, accuracy, keep):
@@ -93,7 +96,7 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
         row("test", "per_class", -1.0, "b", 20, 1.0, [0.0, 1.0, 1.0]),
     ]
     Path("data/steer").mkdir(parents=True)
-    write_results(rows, 3, Path("data/steer/results.parquet"))
+    write_results(Path("data/steer/results.parquet"), rows, 3)
     heads, info = headline_heads(["a", "b"], 3, "ab" * 32)
     # pooled: h0 10/40 = 0.25, h1 30/40 = 0.75, h2 (6 + 15)/40 = 0.525 (unpooled means: 0.5, 0.5, 0.55)
     assert heads == [1, 2]
@@ -105,6 +108,6 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
     # A sweep that ran on other weights is refused; one that does not say (older runs) is read.
     with pytest.raises(PipelineError, match="other weights"):
         headline_heads(["a", "b"], 3, "cd" * 32)
-    del details["settings"]
+    del details["settings"]["model_sha256"]
     write_json(Path("metrics/details/steer.json"), details)
     assert headline_heads(["a", "b"], 3, "cd" * 32)[0] == [1, 2]

@@ -1,4 +1,4 @@
-"""Reliability across the whole pipeline (issue 9): what a user of a shared pipeline can trust.
+"""Reliability across the whole pipeline: what a user of a shared pipeline can trust.
 
 1. Bad parameters: hypothesis mutates the tiny params (wrong types, out-of-range numbers,
    unknown keys, missing sections, inconsistent pairs) and every command exits 2 with a
@@ -53,20 +53,16 @@ from pydantic import BaseModel
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from typer.testing import CliRunner
 
-from pipeline import training
-from pipeline.cli import app
-from pipeline.gated_vit import build_gated_vit, model_config
-from pipeline.params import Params, parse_params
+from pipeline.cli import app, call_stage
+from pipeline.model import training
+from pipeline.model.gated_vit import build_gated_vit, model_config
+from pipeline.params.file import Params, parse_params
 from pipeline.runtime import seed_everything
-from pipeline.stages import download, extract, finetune, interpret, latent_stats, steer, train_sae
-from pipeline.strategies import STRATEGIES
+from pipeline.steering.strategies import STRATEGIES
 
-from conftest import REPO_ROOT, TINY_PARAMS, _merge, reliability_case
+from conftest import PARAMS_COMMANDS, REPO_ROOT, STAGE_COMMANDS, TINY_PARAMS, _merge, reliability_case
 
 runner = CliRunner()
-COMMANDS = ["download", "finetune", "extract", "train-sae", "latent-stats", "interpret", "steer", "validate"]
-STAGES = {"download": download, "finetune": finetune, "extract": extract, "train-sae": train_sae,
-          "latent-stats": latent_stats, "interpret": interpret, "steer": steer}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PIPELINE_LOG": "WARNING", "PYTHONPATH": str(REPO_ROOT)}
 KILL_TIMEOUT = 300  # seconds a subprocess may take to reach the point where it is killed
 
@@ -110,7 +106,7 @@ def cwd(path: Path | str) -> Iterator[None]:
 def run_stage(command: str, raw: dict[str, Any], directory: Path) -> None:
     """Run one stage in-process in `directory` (the uninterrupted reference)."""
     with cwd(directory):
-        STAGES[command].run(parse_params(raw, "params"))
+        call_stage(command.replace("-", "_"), parse_params(raw, "params"))
 
 
 # =============================================================== 1. bad parameters (hypothesis)
@@ -228,7 +224,7 @@ def check_every_command(case: BadParams, directory: Path) -> None:
     """Each command exits 2 naming the key; the directory holds only the params file after."""
     write_params(directory / "params.yaml", case.raw)
     with cwd(directory):
-        for command in COMMANDS:
+        for command in PARAMS_COMMANDS:
             message = assert_clean_failure(runner.invoke(app, [command, "--params", "params.yaml"]), 2)
             assert_names_key(message, case)
     assert sorted(p.name for p in directory.rglob("*")) == ["params.yaml"], f"{case.label}: something was written"
@@ -379,7 +375,7 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every stage's outputs for the tiny params, made in-process once per module."""
     root = tmp_path_factory.mktemp("pipeline")
     write_params(root / "params.yaml", TINY_PARAMS)
-    for command in STAGES:
+    for command in STAGE_COMMANDS:
         run_stage(command, TINY_PARAMS, root)
     return root
 
@@ -733,7 +729,7 @@ def test_finetune_killed_after_epoch_1_resumes_to_the_uninterrupted_weights(work
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     assert tree("models/vit") == previous
 
-    caplog.set_level("INFO", logger="pipeline.training")
+    caplog.set_level("INFO", logger="pipeline.model.training")
     run_stage("finetune", raw, work)
     assert "after epoch 1" in caplog.text  # it did resume (a fresh run would give the same bytes)
     resumed = _finetune_outputs(work)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.gated_vit import ModelConfig, ModelShape
-from pipeline.headline import ClassHeadline
-from pipeline.report import render_report
+from pipeline.model.config import ModelConfig, ModelShape
+from pipeline.report.render import ReportInputs, render_report
+from pipeline.steering.headline import ClassHeadline
+from pipeline.steering.results import SteerDetails
+from pipeline.storage import from_json_value
+
+from conftest import steer_details as steer_metrics
 
 HEADS = ["h0", "h1", "h2", "h3", "h4", "h5"]
 FINETUNE = {"test_accuracy": 0.372, "head_usage": 0.561, "head_usage_per_block": [1.0, 0.75, 0.561]}
@@ -24,27 +28,10 @@ def headline(class_id: int, name: str, base: tuple[float, float], steered: tuple
     return ClassHeadline(class_id, name, alpha, base[0], base[1], [0, 1, 2, 3], steered[0], steered[1], heads, [0.0] * 6)
 
 
-def steer_metrics(strategies: list[str], with_headline: bool, acc_ci: tuple[float, float] = (-0.01, 0.02)) -> dict:
-    metrics = {
-        "baseline": {"accuracy": 0.372, "head_usage": 0.561},
-        "strategies": {s: {"alpha": [-1.0, 0.0, 4.0], "accuracy": [0.36, 0.372, 0.37], "head_usage": [0.6, 0.561, 0.5],
-                           "accuracy_ci": [[0.35, 0.37], [0.36, 0.38], [0.36, 0.38]],
-                           "head_usage_ci": [[0.59, 0.61], [0.55, 0.57], [0.49, 0.51]]} for s in strategies},
-        "settings": {"accuracy_tolerance": 0.0, "select_on": "val", "bootstrap": 1000, "confidence": 0.95, "null_draws": 20,
-                     "images": {"val": 150, "test": 300}},
-    }
-    if with_headline:
-        metrics["per_class_headline"] = {
-            "mean_usage_reduction": 0.054, "mean_usage_change": -0.054, "mean_usage_change_ci": [-0.07, -0.04],
-            "mean_accuracy_change": 0.005, "mean_accuracy_change_ci": list(acc_ci), "classes_with_reduction": 2,
-            "classes_with_reduction_ci_below_zero": 1, "alpha_counts": {"negative": 0, "zero": 1, "positive": 2},
-            "null": {"classes_below": 1, "classes_above": 0, "classes": 3},
-        }
-        metrics["predicted_class_policy"] = {
-            "mean_usage_change": -0.03, "mean_usage_change_ci": [-0.05, -0.01], "mean_accuracy_change": -0.01,
-            "mean_accuracy_change_ci": [-0.03, 0.01], "classes_with_reduction": 1,
-        }
-    return metrics
+def render(params, steer: dict, rows: list[ClassHeadline], finetune: dict = FINETUNE, model: ModelConfig | None = None) -> str:
+    """The page from these inputs; `steer` goes through the details file's typed reader."""
+    return render_report(ReportInputs(params=params, config=model or config(), finetune=finetune, sae=SAE, stats=STATS,
+                                      steer=from_json_value(SteerDetails, steer), headline=rows, head_names=HEADS))
 
 
 def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_missing(tiny_params):
@@ -54,7 +41,7 @@ def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_
         headline(1, "bowl", (0.11, 0.67), (0.12, 0.60), [2, 5], 4.0),
         headline(2, "plate", (0.3, 0.5), (0.3, 0.5), [0, 1, 2], 0.0),
     ]
-    report = render_report(params, config(), STATS, steer_metrics(params.steer.strategies, True), rows, HEADS, FINETUNE, SAE)
+    report = render(params, steer_metrics(params.steer.strategies, True), rows)
     assert "| bowl | 76% -> 82%, usage 0.72 -> 0.33 (h2, h5) | 11% -> 12%, usage 0.67 -> 0.60 (h2, h5) |" in report
     assert "| pine_tree | 79% -> 84%, usage 0.93 -> 0.35 (h2, h3) | class not in this data set |" in report
     assert "| overlap global vs class | 0.1641 | 0.4100 (\\|A ∩ B\\| / K), 0.2600 (Jaccard) |" in report
@@ -76,7 +63,7 @@ def test_the_paper_rows_show_our_class_beside_the_paper_and_say_when_a_class_is_
 def test_no_accuracy_cost_is_claimed_only_when_the_interval_allows_it(tiny_params):
     params = tiny_params(steer={"strategies": ["per_class"]})
     rows = [headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0)]
-    report = render_report(params, config(), STATS, steer_metrics(["per_class"], True, acc_ci=(0.0, 0.02)), rows, HEADS, FINETUNE, SAE)
+    report = render(params, steer_metrics(["per_class"], True, acc_ci=(0.0, 0.02)), rows)
     assert "stays at or above +0.0 points: no accuracy cost at this confidence" in report
     assert "cannot claim" not in report
 
@@ -85,12 +72,10 @@ def test_compute_is_reported_from_the_gates_when_it_exists(tiny_params):
     params = tiny_params(steer={"strategies": ["per_class"]})
     finetune = {**FINETUNE, "gflops": 0.05, "gflops_dense": 0.08, "gflops_fraction": 0.625}
     steer = steer_metrics(["per_class"], True)
-    steer["flops"] = {"gflops_dense": 0.08, "gflops_unsteered": 0.05, "final_block_attention_gflops_dense": 0.004}
-    steer["per_class_headline"]["mean_gflops_change"] = -0.001
     for curve in steer["strategies"].values():
         curve["gflops"] = [0.051, 0.05, 0.049]
     rows = [headline(0, "apple", (0.5, 0.9), (0.5, 0.2), [1], 4.0)]
-    report = render_report(params, config(), STATS, steer, rows, HEADS, finetune, SAE)
+    report = render(params, steer, rows, finetune)
     assert "0.05 GFLOPs, 62% of the dense model's 0.08; the final block's attention is 5.0% of the dense model" in report
     assert "In compute: -0.001 GFLOPs per image, -2.0% of the unsteered model's 0.05" in report
     assert "| per_class | +4 | 37.0% [36.0, 38.0] | 0.500 [0.490, 0.510] | 0.049 |" in report
@@ -98,7 +83,7 @@ def test_compute_is_reported_from_the_gates_when_it_exists(tiny_params):
 
 def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_figures(tiny_params):
     params = tiny_params(steer={"strategies": ["global"]})
-    report = render_report(params, config(), STATS, steer_metrics(["global"], False), [], HEADS, FINETUNE, SAE)
+    report = render(params, steer_metrics(["global"], False), [])
     assert "(per_class is not among `steer.strategies`: no headline.)" in report
     assert "| bowl | 76% -> 82%, usage 0.72 -> 0.33 (h2, h5) | class not in this data set |" in report
     assert "head_keep_heatmap" not in report and "steer_class_usage" not in report
@@ -108,5 +93,5 @@ def test_without_the_per_class_strategy_there_is_no_headline_and_no_headline_fig
 
 def test_a_run_at_the_papers_scale_on_real_data_says_its_numbers_are_comparable(tiny_params):
     params = tiny_params(data={"source": "imagefolder", "path": "somewhere"}, steer={"strategies": ["global"]})
-    report = render_report(params, config(embed_dim=384, depth=12), STATS, steer_metrics(["global"], False), [], HEADS, FINETUNE, SAE)
+    report = render(params, steer_metrics(["global"], False), [], model=config(embed_dim=384, depth=12))
     assert "This run has the paper's architecture" in report and "smaller than the paper's" not in report

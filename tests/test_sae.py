@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.params import ParamsError, SaeParams
-from pipeline.sae import TopKSAE, load_sae, normalize_rows_, remove_parallel_, save_sae, topk_lowest_index
-from pipeline.sae_training import (
+from pipeline.errors import ParamsError, PipelineError
+from pipeline.params.sae import SaeParams
+from pipeline.sae.base import normalize_rows_, remove_parallel_
+from pipeline.sae.registry import load_sae, save_sae
+from pipeline.sae.topk import TopKSAE, topk_lowest_index
+from pipeline.sae.training import (
     _Grads,
     _train_step,
     dead_topk,
@@ -367,7 +369,7 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     write_embeddings(Path("data/embeddings/test.parquet"), x[200:].numpy() * 5 + 1, "test")
     p = tiny_params(sae={"expansion": 2, "k": 3, "epochs": 3, "batch_size": 32})
 
-    stage.run(p)
+    stage.run(p.sae)
     headline = json.loads(Path("metrics/sae.json").read_text())
     metrics = json.loads(Path("metrics/details/sae.json").read_text())
     assert headline == {key: metrics["test"][key] for key in ("fvu", "l0", "dead_fraction")}
@@ -391,7 +393,7 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     # same params on the CPU: byte-identical outputs
     before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/details/sae.json", "metrics/plots/sae_fvu.json",
                                                        "models/sae/model.safetensors", "models/sae/config.json"])}
-    stage.run(p)
+    stage.run(p.sae)
     assert all(path.read_bytes() == data for path, data in before.items())
 
 
@@ -402,7 +404,7 @@ def test_stage_rejects_k_above_width_before_writing(in_tmp: Path, tiny_params):
     write_embeddings(Path("data/embeddings/train.parquet"), x, "train")
     write_embeddings(Path("data/embeddings/test.parquet"), x, "test")
     with pytest.raises(ParamsError, match=r"sae\.k = 9"):
-        stage.run(tiny_params(sae={"expansion": 2, "k": 9}))
+        stage.run(tiny_params(sae={"expansion": 2, "k": 9}).sae)
     assert not Path("models/sae").exists() and not Path("metrics/sae.json").exists()
 
 
@@ -420,5 +422,5 @@ def test_stage_trains_with_sae_threads_and_restores_the_thread_count(in_tmp: Pat
     real_train = stage.train_sae
     monkeypatch.setattr(stage, "train_sae", lambda *a, **k: (seen.append(torch.get_num_threads()), real_train(*a, **k))[1])
     torch.set_num_threads(2)
-    stage.run(tiny_params(sae={"expansion": 2, "k": 2, "epochs": 1, "batch_size": 32, "threads": 1}))
+    stage.run(tiny_params(sae={"expansion": 2, "k": 2, "epochs": 1, "batch_size": 32, "threads": 1}).sae)
     assert seen == [1] and torch.get_num_threads() == 2

@@ -1,4 +1,4 @@
-"""Latent statistics (pipeline/stats.py), their figures (pipeline/plots.py) and the
+"""Latent statistics (pipeline/interpret/stats.py), their figures (pipeline/report/plots.py) and the
 `latent_stats` stage: exact values on hand-built codes, brute-force equality on random ones."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import plots
-from pipeline import stats as st
+from pipeline.interpret import stats as st
+from pipeline.report import plots
 
 from conftest import write_embeddings
 
@@ -246,8 +246,9 @@ STAGE_OUTPUTS = [
 
 
 def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
-    sae_module = pytest.importorskip("pipeline.sae")
-    from pipeline.params import parse_params
+    from pipeline.params.file import parse_params
+    from pipeline.sae.registry import load_sae, save_sae
+    from pipeline.sae.topk import TopKSAE
     from pipeline.stages import latent_stats
 
     monkeypatch.chdir(tmp_path)
@@ -262,14 +263,14 @@ def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
         write_embeddings(Path(f"data/embeddings/{split}.parquet"), x, labels, class_names, split)
         data[split] = (torch.tensor(x, dtype=torch.float32), torch.tensor(labels))
     torch.manual_seed(0)
-    sae = sae_module.TopKSAE(dim, n_latents, k)
-    sae_module.save_sae(Path("models/sae"), sae, {})
+    sae = TopKSAE(dim, n_latents, k)
+    save_sae(Path("models/sae"), sae, {})
     params = parse_params({"data": {}, "model": {}, "finetune": {}, "extract": {}, "sae": {}, "interpret": {}, "steer": {},
                            "stats": {"top_k": top_k, "related": 2, "batch_size": 7}})
 
-    latent_stats.run(params)
+    latent_stats.run(params.stats)
     first = {p: Path(p).read_bytes() for p in STAGE_OUTPUTS}
-    latent_stats.run(params)
+    latent_stats.run(params.stats)
     assert {p: Path(p).read_bytes() for p in STAGE_OUTPUTS} == first  # byte-identical rerun
 
     metrics = json.loads(Path("metrics/details/latent_stats.json").read_text())
@@ -280,7 +281,7 @@ def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
     assert pq.read_schema("data/stats/latents.parquet").field("class_id").type == pa.int32()
 
     # direct brute force from the SAE's codes of the train split
-    loaded = sae_module.load_sae(Path("models/sae"))
+    loaded = load_sae(Path("models/sae"))
     with torch.no_grad():
         values, indices = loaded.encode_topk(data["train"][0])
     counts, sums, sizes = brute_stats(values, indices, data["train"][1], n_latents, 3)

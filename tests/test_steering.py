@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.gated_vit import build_gated_vit, model_config
-from pipeline.headline import select_headline
-from pipeline.params import ModelParams
-from pipeline.sae import TopKSAE
-from pipeline.stats import membership
-from pipeline.steering import (
+from pipeline.interpret.stats import membership
+from pipeline.model.gated_vit import build_gated_vit, model_config
+from pipeline.params.model import ModelParams
+from pipeline.sae.topk import TopKSAE
+from pipeline.steering.headline import select_headline
+from pipeline.steering.strategies import LatentSets, SteerBatch
+from pipeline.steering.sweep import (
     Tally,
     Variant,
     final_block_outcomes,
@@ -20,11 +21,11 @@ from pipeline.steering import (
     steer_batch,
     variants_for,
 )
-from pipeline.strategies import LatentSets, SteerBatch
 
+from conftest import TINY_SHAPE
 from reference_steering import steer_batch_naive
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
+TINY = TINY_SHAPE
 N_CLASSES, N_LATENTS = 5, 64
 
 
@@ -234,7 +235,7 @@ def test_the_steering_formula_on_hand_computed_values():
     - add, alpha 0.5, m = (4, 0, 2): z' = (3, 2, 4); x' = (1, 2) + (2*2 + 1, -1) = (6, 1)
     - without keep_error: x' = decode(z'); scale alpha 2: (3*2 + 9 + 0.5, 2 - 9 - 0.5) = (15.5, -7.5)
     """
-    from pipeline.steering import steer_latents, steered_input
+    from pipeline.steering.sweep import steer_latents, steered_input
 
     sae = _LinearSAE()
     x = torch.tensor([[1.0, 2.0]])
@@ -259,14 +260,14 @@ def test_the_steering_formula_on_hand_computed_values():
 def test_an_unknown_strategy_is_a_params_error_naming_it():
     import pytest
 
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError
 
     with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, per_class_predicted, global, random, random_per_class\)"):
         variants_for(["global", "oracle"], [1.0], 1)
 
 
 def test_every_registered_strategy_runs_through_the_sweep_and_the_registry_decides_draws():
-    from pipeline.strategies import STRATEGIES
+    from pipeline.steering.strategies import STRATEGIES
 
     variants = variants_for(list(STRATEGIES), [1.0], draws=2)
     for name, strategy in STRATEGIES.items():
@@ -281,7 +282,7 @@ def test_every_registered_strategy_runs_through_the_sweep_and_the_registry_decid
 def test_overall_and_strategy_curves_average_images_then_draws():
     """overall(): accuracy and usage over all images of a variant (not a mean of class means);
     strategy_curves(): per alpha, the mean over a strategy's draws."""
-    from pipeline.steering import overall, strategy_curves
+    from pipeline.steering.sweep import overall, strategy_curves
 
     tally = Tally(n_classes=2, n_heads=2)
     labels = torch.tensor([0, 0, 0, 1])  # class 0 has 3 images, class 1 one

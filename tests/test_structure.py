@@ -9,13 +9,14 @@ import typing
 import pytest
 import torch
 
-from pipeline.params import DataParams, SaeParams
+from pipeline.params.data import DataParams
+from pipeline.params.sae import SaeParams
 
 from conftest import REPO_ROOT
 
 
 def test_every_data_source_module_is_registered_under_the_name_params_accept():
-    from pipeline import sources
+    from pipeline.data import sources
 
     registry = sources.registry()
     assert set(registry) == set(typing.get_args(DataParams.model_fields["source"].annotation))
@@ -27,7 +28,7 @@ def test_a_new_source_file_is_found_by_its_name(tmp_path, monkeypatch):
     finds it by NAME with no other edit. Here the package is a copy in a temporary folder."""
     import shutil
 
-    from pipeline import sources
+    from pipeline.data import sources
 
     package = tmp_path / "more_sources"
     shutil.copytree(sources.__path__[0], package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -42,7 +43,7 @@ def test_a_new_source_file_is_found_by_its_name(tmp_path, monkeypatch):
 
 
 def test_the_sae_registry_matches_the_params_and_every_kind_round_trips(tmp_path):
-    from pipeline.sae import ARCHITECTURES, load_sae, save_sae
+    from pipeline.sae.registry import ARCHITECTURES, load_sae, save_sae
 
     assert set(ARCHITECTURES) == set(typing.get_args(SaeParams.model_fields["architecture"].annotation))
     for name, cls in ARCHITECTURES.items():
@@ -59,7 +60,7 @@ def test_the_sae_registry_matches_the_params_and_every_kind_round_trips(tmp_path
 def test_decoding_is_linear_along_the_decoder_directions():
     """What steering and the latent-to-head attribution rely on, for every SAE kind:
     decode(z + t e_j) - decode(z) = t * decoder_directions()[j], in raw embedding space."""
-    from pipeline.sae import ARCHITECTURES
+    from pipeline.sae.registry import ARCHITECTURES
 
     for cls in ARCHITECTURES.values():
         sae = cls.from_config({"dim": 6, "n_latents": 12, "k": 3, "input_scale": 2.5})
@@ -76,7 +77,8 @@ def test_decoding_is_linear_along_the_decoder_directions():
 
 def test_an_sae_of_an_unknown_format_is_refused(tmp_path):
     from pipeline.errors import PipelineError
-    from pipeline.sae import TopKSAE, load_sae, save_sae
+    from pipeline.sae.registry import load_sae, save_sae
+    from pipeline.sae.topk import TopKSAE
 
     save_sae(tmp_path / "sae", TopKSAE(4, 8, 2), {})
     config = tmp_path / "sae" / "config.json"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.summary import RunRecord, render_markdown, summarize, write_summary
+from pipeline.report.summary import RunRecord, render_markdown, summarize, write_summary
 
 
 def run(name: str, accuracy: float, usage_drop: float, per_class_top: float, global_top: float,

@@ -1,4 +1,4 @@
-"""`download` writes the canonical image data set (pipeline.dataset)."""
+"""`download` writes the canonical image data set (pipeline.data.dataset)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""`extract` writes the embeddings table (pipeline.embeddings)."""
+"""`extract` writes the embeddings table (pipeline.data.embeddings)."""
 
 from pathlib import Path
 

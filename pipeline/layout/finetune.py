@@ -1,4 +1,4 @@
-"""`finetune` writes the gated ViT (pipeline.gated_vit) and its training record."""
+"""`finetune` writes the gated ViT (pipeline.model.gated_vit) and its training record."""
 
 from pathlib import Path
 

@@ -1,32 +1,22 @@
-"""`steer` writes the steering results, their figures and the run's report."""
+"""`steer` writes the steering results (pipeline.steering.results) and the data of its `dvc plots`."""
 
 from pathlib import Path
 
-from pipeline.layout import download, extract, finetune, interpret, latent_stats, train_sae
+from pipeline.layout import download, extract, finetune, latent_stats, train_sae
 
 RESULTS_DIR = Path("data/steer")
 RESULTS = RESULTS_DIR / "results.parquet"
+"""One row per (split, strategy, alpha, draw, class): accuracy, head usage, keep rate per head."""
+HEADLINE = RESULTS_DIR / "headline.parquet"
+"""One row per class: the alpha chosen on the selection split and its test-split outcome."""
 METRICS = Path("metrics/steer.json")
 """Headline numbers only: the per-class steering headline (mean usage reduction, mean accuracy
 change, classes that use fewer heads)."""
 DETAILS = Path("metrics/details/steer.json")
-"""Baseline, every strategy's curve, settings, the headline's top classes."""
-REPORT = Path("metrics/report.md")
+"""Baseline, every strategy's curve, settings, the headline's summary and nulls."""
 ACCURACY = Path("metrics/plots/steer_accuracy.json")
 USAGE = Path("metrics/plots/steer_usage.json")
 CLASS_USAGE = Path("metrics/plots/steer_class_usage.json")
-CURVES_PNG = Path("metrics/plots/steer_curves.png")
-HEAD_KEEP_HEATMAP = Path("metrics/plots/head_keep_heatmap.png")
-CLASS_USAGE_PNG = Path("metrics/plots/steer_class_usage.png")
-CLASS_CARDS = Path("metrics/plots/class_cards.png")
-"""The featured classes' top latents, each with its most activating training images."""
-ATTRIBUTION_HEATMAP = Path("metrics/plots/attribution_heatmap.png")
-SHIFT_SCATTER = Path("metrics/plots/shift_vs_keep.png")
-"""Predicted gate-logit shift (interpret) against measured keep-rate change, per head."""
 
-READS = (
-    download.DATASET, extract.EMBEDDINGS, latent_stats.STATS, finetune.MODEL, train_sae.SAE,
-    latent_stats.DETAILS, finetune.DETAILS, train_sae.DETAILS, interpret.INTERPRET, interpret.DETAILS,
-)
-WRITES = (RESULTS_DIR, REPORT, METRICS, DETAILS, ACCURACY, USAGE, CLASS_USAGE, HEAD_KEEP_HEATMAP, CURVES_PNG, CLASS_USAGE_PNG,
-          CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER)
+READS = (download.DATASET, extract.EMBEDDINGS, latent_stats.STATS, finetune.MODEL, train_sae.SAE, finetune.DETAILS)
+WRITES = (RESULTS_DIR, METRICS, DETAILS, ACCURACY, USAGE, CLASS_USAGE)

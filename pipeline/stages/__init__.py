@@ -1,1 +1,2 @@
-"""One thin module per DVC stage: each `run(params)` reads its deps and writes its outs."""
+"""One thin module per DVC stage: each `run` takes its params sections (`pipeline.cli.STAGE_SECTIONS`),
+reads its deps, calls the library subpackages and writes its outs."""

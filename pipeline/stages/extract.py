@@ -24,14 +24,16 @@ import torch
 import torch.distributed as dist
 
 from pipeline.checks import same_classes
-from pipeline.dataset import ImageSet, available_splits, load_images
-from pipeline.embeddings import embedding_schema, read_embeddings
-from pipeline.extraction import extract_split
-from pipeline.flops import FlopModel, flop_model
-from pipeline.gated_vit import GatedViT, ModelConfig, load_gated_vit, resolve_head_path
+from pipeline.data.dataset import ImageSet, available_splits, load_images
+from pipeline.data.embeddings import embedding_schema, read_embeddings
+from pipeline.errors import ParamsError
 from pipeline.layout import download, finetune
 from pipeline.layout import extract as files
-from pipeline.params import Params, ParamsError
+from pipeline.model.config import ModelConfig
+from pipeline.model.extraction import extract_split
+from pipeline.model.flops import FlopModel, flop_model
+from pipeline.model.gated_vit import GatedViT, load_gated_vit, resolve_head_path
+from pipeline.params.extract import ExtractParams
 from pipeline.runtime import DistInfo, device_and_distributed, finish_distributed
 from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, weights_sha256, write_json
 
@@ -68,8 +70,7 @@ def load_split(split: str, config: ModelConfig) -> ImageSet:
     return images
 
 
-def run(params: Params) -> None:
-    ep = params.extract
+def run(ep: ExtractParams) -> None:
     device, dist_info = device_and_distributed(ep.device)
     if dist_info.is_main:
         clean_outputs(*files.WRITES)
@@ -169,7 +170,7 @@ def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, ke
 
 
 def gflops_per_image(tables: dict, flops: FlopModel, keep_layers: int) -> dict:
-    """Mean matmul GFLOPs per image from every block's kept heads (pipeline.flops), per split
+    """Mean matmul GFLOPs per image from every block's kept heads (pipeline.model.flops), per split
     and per test class: what a head-skipping path spends, beside the dense model."""
     def per_image(table) -> torch.Tensor:
         kept = table.kept_per_block.double()

@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.dataset import load_images
-from pipeline.flops import flop_model
-from pipeline.gated_vit import build_gated_vit, model_config, save_gated_vit
+from pipeline.data.dataset import load_images
 from pipeline.layout import download
 from pipeline.layout import finetune as files
-from pipeline.params import Params
-from pipeline.plot_data import series_rows
+from pipeline.model.flops import flop_model
+from pipeline.model.gated_vit import build_gated_vit, model_config, save_gated_vit
+from pipeline.model.training import evaluate, train
+from pipeline.params.finetune import FinetuneParams
+from pipeline.params.model import ModelParams
+from pipeline.report.plot_data import series_rows
 from pipeline.runtime import device_and_distributed, finish_distributed, seed_everything
 from pipeline.storage import clean_outputs, rounded, write_json
-from pipeline.training import evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ def write_curves(history: list[dict], keep_layers: int) -> None:
     }, y_name="head_usage"))
 
 
-def run(params: Params) -> None:
-    fp = params.finetune
+def run(mp: ModelParams, fp: FinetuneParams) -> None:
     device, dist_info = device_and_distributed(fp.device)
     clean_outputs(*files.WRITES, files.CHECKPOINT)  # the checkpoint: a killed run's temporary
 
@@ -50,11 +50,11 @@ def run(params: Params) -> None:
     class_names = train_set.class_names
 
     seed_everything(fp.seed)  # identical initialisation on every rank
-    model = build_gated_vit(params.model, num_classes=len(class_names), tau=fp.tau)
-    config = model_config(params.model, model.vit, len(class_names), class_names, fp.tau)
+    model = build_gated_vit(mp, num_classes=len(class_names), tau=fp.tau)
+    config = model_config(mp, model.vit, len(class_names), class_names, fp.tau)
     log.info(
         "training %s %s on %d images (%d classes), %d process(es), device %s",
-        params.model.name, config.shape, len(train_set.labels), len(class_names), dist_info.world, device,
+        mp.name, config.shape, len(train_set.labels), len(class_names), dist_info.world, device,
     )
     files.CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def run(params: Params) -> None:
         write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage, "gflops": gflops}))
         write_json(files.DETAILS, {
             **final.summary(), "epochs": fp.epochs, "num_classes": len(class_names),
-            # matmul GFLOPs per test image from the gates (pipeline.flops), and what the masked
+            # matmul GFLOPs per test image from the gates (pipeline.model.flops), and what the masked
             # path computes for every image (all heads)
             "gflops": gflops, "gflops_dense": flops.dense / 1e9, "gflops_fraction": gflops * 1e9 / flops.dense,
             "gflops_per_head": [c / 1e9 for c in flops.per_head], "gflops_fixed": flops.fixed / 1e9,

@@ -4,7 +4,7 @@ Reads the train and test embeddings, the SAE, the top sets of `latent_stats`, th
 model (only its final decision network) and, for the figure, the training images the galleries
 point at. Writes (pipeline/layout/interpret.py):
 - data/interpret/galleries.parquet: every alive latent's top-N training images (one streaming
-  pass, pipeline.interpret.TopImages);
+  pass, pipeline.interpret.latents.TopImages);
 - data/interpret/latents.parquet: per latent its firing rate, automatic label, purity, entropy
   and gate-logit attribution per head;
 - data/interpret/shifts.parquet: the mean gate-logit shift per head that steering each class
@@ -25,28 +25,29 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import interpret as it
-from pipeline import plots
-from pipeline import stats as st
 from pipeline.checks import labels_in_range, same_classes, same_width
-from pipeline.dataset import read_image_groups
-from pipeline.embeddings import EmbeddingTable, read_embeddings
+from pipeline.data.dataset import read_image_groups
+from pipeline.data.embeddings import EmbeddingTable, read_embeddings
 from pipeline.errors import PipelineError
-from pipeline.gated_vit import load_gated_vit
+from pipeline.interpret import latents as it
+from pipeline.interpret import stats as st
+from pipeline.interpret.top_sets import TopSets, read_top_sets
 from pipeline.layout import download, extract, finetune, latent_stats, train_sae
 from pipeline.layout import interpret as files
-from pipeline.params import InterpretParams, Params
+from pipeline.model.gated_vit import load_gated_vit
+from pipeline.params.interpret import InterpretParams
 from pipeline.progress import progress
-from pipeline.sae import SparseAutoencoder, load_sae
-from pipeline.storage import clean_outputs, read_json, rounded, write_json, write_parquet
+from pipeline.report import plots
+from pipeline.sae.base import SparseAutoencoder
+from pipeline.sae.registry import load_sae
+from pipeline.storage import clean_outputs, rounded, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 TRAIN, TEST = extract.embeddings_split("train"), extract.embeddings_split("test")
 
 
-def run(params: Params) -> None:
-    ip = params.interpret
+def run(ip: InterpretParams) -> None:
     clean_outputs(*files.WRITES)
     sae = load_sae(train_sae.SAE).to("cpu").eval()
     model, config = load_gated_vit(finetune.MODEL)
@@ -56,9 +57,8 @@ def run(params: Params) -> None:
         same_classes(table.class_names, path, class_names, finetune.MODEL_CONFIG, rerun="extract")
         same_width(table.dim, path, sae.dim, train_sae.SAE_CONFIG, rerun="train_sae")
         labels_in_range(table.labels, path, len(class_names))
-    top_sets = read_json(latent_stats.TOP_SETS)
-    same_classes(top_sets.get("class_names") or [], latent_stats.TOP_SETS, class_names, finetune.MODEL_CONFIG, rerun="latent_stats")
     n_latents, n_classes = sae.n_latents, len(class_names)
+    top_sets = read_top_sets(latent_stats.TOP_SETS, classes=(class_names, finetune.MODEL_CONFIG), width=(n_latents, train_sae.SAE_CONFIG))
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -74,7 +74,7 @@ def run(params: Params) -> None:
         test_stats = st.encode_stats(sae.encode_sparse, test.x, test.labels, n_latents, n_classes, ip.batch_size, desc="encode test")
     shifts = unit_shifts(top_sets, test_stats, attribution, class_names)
 
-    grid_rows = latent_grid_rows(top_sets["global"][: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)  # reads images first
+    grid_rows = latent_grid_rows(top_sets.global_set[: ip.grid_latents], top, train_stats, sae_purity, class_names, ip)  # reads images first
     write_galleries(top, train)
     write_latents(train_stats, sae_purity, attribution, class_names)
     write_shifts(shifts, class_names, model.num_heads)
@@ -136,16 +136,11 @@ def baseline_purities(train: EmbeddingTable, rates: torch.Tensor, n_classes: int
     }
 
 
-def unit_shifts(top_sets: dict, test_stats: st.LatentStats, attribution: torch.Tensor, class_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def unit_shifts(top_sets: TopSets, test_stats: st.LatentStats, attribution: torch.Tensor, class_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """{strategy: {"scale": (C, H), "add": (C, H)}}: the mean gate-logit shift of each class's
     test images at alpha = 1 when steered with its own set (`per_class`) or the global set."""
-    n_latents = attribution.shape[0]
-    try:
-        per_class = st.membership([top_sets["per_class"][name] for name in class_names], n_latents)
-        global_set = st.membership([top_sets["global"]], n_latents)[0]
-        mean_active = torch.tensor(top_sets["mean_active_value"], dtype=torch.float64)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{latent_stats.TOP_SETS}: malformed ({type(exc).__name__}: {exc}); rerun latent_stats") from None
+    per_class, global_set = top_sets.masks()
+    mean_active = top_sets.mean_active(torch.float64)
     counts = test_stats.class_counts.double().clamp_min(1)[:, None]
     mean_z = test_stats.value_sum_class / counts  # (C, L): E over the class's images, zeros included
     masks = {"per_class": per_class, "global": global_set.expand_as(per_class)}

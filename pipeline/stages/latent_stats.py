@@ -1,4 +1,4 @@
-"""`latent_stats`: which SAE latents fire for which class (METHOD.md section 4).
+"""`latent_stats`: which SAE latents fire for which class (docs/METHOD.md, section 4).
 
 Reads models/sae/ and data/embeddings/{train,test}.parquet. The top-K sets come from the
 train split (steering uses them); test statistics are reported separately, together with how
@@ -20,14 +20,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import plots
-from pipeline import stats as st
 from pipeline.checks import labels_in_range, same_classes, same_width
-from pipeline.embeddings import EmbeddingTable, read_embeddings
+from pipeline.data.embeddings import EmbeddingTable, read_embeddings
+from pipeline.errors import ParamsError
+from pipeline.interpret import stats as st
+from pipeline.interpret.top_sets import TopSets, write_top_sets
 from pipeline.layout import extract, train_sae
 from pipeline.layout import latent_stats as files
-from pipeline.params import Params, ParamsError
-from pipeline.sae import SparseAutoencoder, load_sae
+from pipeline.params.stats import StatsParams
+from pipeline.report import plots
+from pipeline.sae.base import SparseAutoencoder
+from pipeline.sae.registry import load_sae
 from pipeline.storage import atomic_path, clean_outputs, parquet_writer, rounded, with_metadata, write_json
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,7 @@ LATENTS_SCHEMA = pa.schema(
 )
 
 
-def run(params: Params) -> None:
-    cfg = params.stats
+def run(cfg: StatsParams) -> None:
     clean_outputs(*files.WRITES)
     sae = load_sae(train_sae.SAE).to("cpu").eval()
     train, test = read_embeddings(TRAIN), read_embeddings(TEST)
@@ -70,20 +72,17 @@ def run(params: Params) -> None:
     g_overlap, g_jaccard = st.global_vs_class(global_set, class_sets, n_latents, top_k)
 
     _write_latents(split_stats, class_names, top_k)
-    write_json(files.TOP_SETS, {
-        "top_k": top_k,
-        "n_latents": n_latents,
-        "class_names": class_names,
-        "global": global_set.tolist(),
-        "per_class": {name: s.tolist() for name, s in zip(class_names, class_sets)},
-        "mean_active_value": train_stats.mean_active_all.tolist(),
-    })
+    write_top_sets(files.TOP_SETS, TopSets(
+        top_k=top_k, n_latents=n_latents, class_names=class_names, global_set=global_set.tolist(),
+        per_class={name: s.tolist() for name, s in zip(class_names, class_sets)},
+        mean_active_value=train_stats.mean_active_all.tolist(),
+    ))
 
     metrics = _summary(train_stats, global_set, class_sets, top_k)
     metrics["test"] = _summary(split_stats["test"], *sets["test"], top_k)
     metrics["test"].update(_stability(sets["train"], sets["test"], n_latents, top_k))
     metrics["class_overlap_offdiag_mean"] = _r(_offdiag_mean(overlap))
-    metrics["related"] = _related(overlap, jaccard, class_names, params.stats.related)
+    metrics["related"] = _related(overlap, jaccard, class_names, cfg.related)
     metrics.update(top_k=top_k, n_latents=n_latents, n_classes=len(class_names))
     write_json(files.DETAILS, metrics)
     write_json(files.METRICS, {"overlap": metrics["overlap_global_vs_class"], "jaccard": metrics["jaccard_global_vs_class"]})

@@ -1,4 +1,4 @@
-"""`train_sae`: the SAE on the final block's CLS input (METHOD.md section 3).
+"""`train_sae`: the SAE on the final block's CLS input (docs/METHOD.md, section 3).
 
 Reads data/embeddings/{train,test}.parquet. Writes:
 - models/sae/: safetensors weights plus config.json (the SAE's architecture, shape and input
@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from pipeline.checks import same_width
-from pipeline.embeddings import read_embeddings
+from pipeline.data.embeddings import read_embeddings
 from pipeline.layout import extract
 from pipeline.layout import train_sae as files
-from pipeline.params import Params
-from pipeline.plot_data import series_rows
+from pipeline.params.sae import SaeParams
+from pipeline.report.plot_data import series_rows
 from pipeline.runtime import pick_device
-from pipeline.sae import save_sae
-from pipeline.sae_training import evaluate_sae, resolve_n_latents, train_sae
+from pipeline.sae.registry import save_sae
+from pipeline.sae.training import evaluate_sae, resolve_n_latents, train_sae
 from pipeline.storage import clean_outputs, rounded, write_json
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ CURVE_KEYS = ("epoch", "loss", "aux_loss", "train_fvu", "test_fvu", "l0", "dead_
 LOG_EVERY = 10  # epochs between progress lines in the log
 
 
-def run(params: Params) -> None:
-    cfg = params.sae
+def run(cfg: SaeParams) -> None:
     clean_outputs(*files.WRITES)
     train_path, test_path = extract.embeddings_split("train"), extract.embeddings_split("test")
     train, test = read_embeddings(train_path), read_embeddings(test_path)

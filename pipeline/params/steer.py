@@ -1,0 +1,65 @@
+"""`steer`: the steering sweep and its headline rule (read by `steer`; `report` reads its printing choices)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.params.base import Device, HeadPath, Section
+
+
+class SteerParams(Section):
+    """`steer`: amplify latent sets and measure accuracy and final-block head usage."""
+
+    strategies: list[str] = ["per_class", "per_class_predicted", "global", "random", "random_per_class"]
+    """Which latent sets to steer, by name in `pipeline.strategies.STRATEGIES`: `per_class` (the
+    true class's set, an oracle), `per_class_predicted` (the set of the class the unsteered model
+    predicts: deployable), `global` (the global set), `random` / `random_per_class` (random sets
+    of the global set's / the class set's size: the nulls). Unknown names: exit 2."""
+    alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
+    """Steering strengths; 0 is the unsteered baseline and is always evaluated."""
+    mode: Literal["scale", "add"] = "scale"
+    """`scale`: z_j -> (1 + alpha) z_j; `add`: z_j -> z_j + alpha * (mean active value of j)."""
+    keep_error: bool = True
+    """True: x' = x + W_dec (z' - z) keeps the SAE's reconstruction error; false: x' = dec(z')."""
+    null_draws: Annotated[int, Field(ge=1)] = 20
+    """Seeded random latent sets per random strategy: the null distribution a class set's (or
+    the global set's) effect is compared with."""
+    accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Headline rule: per class, the alpha with the lowest head usage whose accuracy is at least
+    the unsteered accuracy minus this."""
+    select_on: Literal["val", "test"] = "val"
+    """Split on which the headline rule chooses each class's alpha; the headline is always
+    reported on test. `test` chooses and reports on the same images (selection inflates it)."""
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    """Bootstrap resamples (images resampled within each class, seeded by `seed`) for the
+    intervals of the headline and the strategy curves; 0 reports no intervals."""
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    """Coverage of the bootstrap intervals and of the null's central interval."""
+    top_classes: Annotated[int, Field(ge=1)] = 5
+    """Classes listed in the headline (largest usage reduction first)."""
+    head_index_base: Literal[0, 1] = 0
+    """Printed head numbering: 0 gives h0..h(H-1), 1 gives h1..hH."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Test images per batch."""
+    seed: int = 0
+    """Seed of the random latent sets."""
+    device: Device = "auto"
+    """`auto` picks CUDA when present."""
+    heads: HeadPath = "auto"
+    """How the sweep runs the gated blocks (as `extract.heads`); recorded in the details."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SteerParams:
+        if not self.strategies:
+            raise ValueError("strategies must name at least one of per_class, global, random")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies has duplicates: {self.strategies}")
+        if not self.alphas:
+            raise ValueError("alphas must hold at least one value")
+        if len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"alphas has duplicates: {self.alphas}")
+        if self.mode == "scale" and min(self.alphas) < -1:
+            raise ValueError(f"mode 'scale' needs alphas >= -1 (-1 ablates), got {min(self.alphas)}")
+        return self

@@ -1,0 +1,99 @@
+"""`report`: metrics/report.md and the figures it shows, from `steer`'s and `interpret`'s outputs.
+
+Its own stage so that a wording or figure change reruns this alone, never the sweep. It also
+joins the two: what `interpret` predicted for each head against what the sweep measured, and
+the featured classes' cards (their top latents with their most activating training images).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.data.dataset import read_image_groups
+from pipeline.interpret.cards import (
+    ClassCard,
+    Interpretation,
+    card_latents,
+    compare_shifts,
+    global_set_shift,
+    load_interpretation,
+)
+from pipeline.interpret.top_sets import read_top_sets
+from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
+from pipeline.layout import report as files
+from pipeline.model.config import read_model_config
+from pipeline.params.file import Params
+from pipeline.report import plots
+from pipeline.report.render import Explanation, ReportInputs, featured, render_report
+from pipeline.steering.headline import ClassHeadline
+from pipeline.steering.results import read_details, read_headline, read_results
+from pipeline.steering.strategies import PER_CLASS, STRATEGIES
+from pipeline.storage import clean_outputs, read_json, to_json_value, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    sp = params.steer
+    clean_outputs(*files.WRITES)
+    config = read_model_config(finetune.MODEL)
+    details, headline = read_details(steer.DETAILS), read_headline(steer.HEADLINE)
+    rows = read_results(steer.RESULTS, split="test")
+    heads = [f"h{h + sp.head_index_base}" for h in range(config.shape.num_heads)]
+    stats = read_json(latent_stats.DETAILS)
+
+    curves = {s: details.strategies[s] for s in sp.strategies if s in details.strategies}
+    plots.steering_curves({name: to_json_value(c) for name, c in curves.items()},
+                          {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}, files.CURVES_PNG)
+    if headline:
+        baseline_keep = [[r[f"keep_h{h}"] for h in range(len(heads))] for r in rows if r["strategy"] == PER_CLASS and r["alpha"] == 0.0]
+        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], config.class_names, heads, files.HEAD_KEEP_HEATMAP)
+        plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], config.class_names, files.CLASS_USAGE_PNG)
+
+    explained = explain(params, rows, headline, heads, stats)
+    write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
+    inputs = ReportInputs(params=params, config=config, finetune=read_json(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
+                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained)
+    write_text(files.REPORT, render_report(inputs))
+    log.info("report in %s", files.REPORT)
+
+
+def explain(params: Params, rows: list[dict], headline: list[ClassHeadline], heads: list[str], stats: dict) -> Explanation:
+    """What `interpret` predicted against what the sweep measured, the featured classes' cards,
+    and their figures (class cards, attribution heatmap, predicted-vs-measured scatter)."""
+    sp, ip = params.steer, params.interpret
+    interp = load_interpretation()
+    comparison = compare_shifts(interp, rows, sp.mode, len(heads))
+    plots.shift_scatter(
+        {heads[h]: (comparison.predicted[comparison.head == h], comparison.measured[comparison.head == h]) for h in range(len(heads))},
+        files.SHIFT_SCATTER, f"Steering per class and globally (mode {sp.mode}): predicted vs measured, per head",
+    )
+    top_sets = read_top_sets(latent_stats.TOP_SETS)
+    cards = [class_card(interp, c, top_sets.per_class[c.name][: ip.card_latents], heads, stats) for c in featured(headline, sp.top_classes)]
+    draw_cards(interp, cards, ip.grid_images, heads)
+    return Explanation(shift_vs_keep=comparison.summary(), global_set=global_set_shift(interp, rows, sp.mode, max(sp.alphas), len(heads)),
+                       cards=cards, purity=read_json(interpret.DETAILS), keep_error=sp.keep_error)
+
+
+def class_card(interp: Interpretation, c: ClassHeadline, latents: list[int], heads: list[str], stats: dict) -> ClassCard:
+    return ClassCard(name=c.name, latents=card_latents(interp, latents, heads), alpha=c.alpha,
+                     usage=(c.baseline_usage, c.usage), accuracy=(c.baseline_accuracy, c.accuracy),
+                     related=[r["class"] for r in stats.get("related", {}).get(c.name, [])])
+
+
+def draw_cards(interp: Interpretation, cards: list[ClassCard], images_per_latent: int, heads: list[str]) -> None:
+    """The class cards' image rows and their latents' attribution to the final block's heads."""
+    rows = [(card.name, latent) for card in cards for latent in card.latents]
+    if not rows:  # no headline (per_class not swept): the figures still exist, empty
+        plots.image_rows([], files.CLASS_CARDS, f"Class cards: no featured classes ({PER_CLASS} not among steer.strategies)")
+        plots.attribution_heatmap(np.zeros((0, len(heads))), [], heads, files.ATTRIBUTION_HEATMAP, "no featured classes")
+        return
+    galleries = [interp.gallery_rows.get(latent.latent, [])[:images_per_latent] for _, latent in rows]
+    images, _, _ = read_image_groups(download.dataset_split("train"), galleries)
+    drawn = [(f"{name} | {latent.line} | pushes {latent.pushes}", pixels) for (name, latent), pixels in zip(rows, images)]
+    plots.image_rows(drawn, files.CLASS_CARDS, "Class cards: each featured class's most frequent latents and the training images they fire on most")
+    plots.attribution_heatmap(np.stack([interp.attribution[latent.latent] for _, latent in rows]),
+                              [f"{name}: latent {latent.latent}" for name, latent in rows], heads, files.ATTRIBUTION_HEATMAP,
+                              "Final-block gate-logit change per unit activation (featured classes' latents)")

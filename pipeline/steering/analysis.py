@@ -1,0 +1,163 @@
+"""The steering analysis: from the sweep's tallies to the numbers the report and metrics show.
+
+Strategy curves with bootstrap intervals and compute, the headline (alphas chosen on the
+selection split, reported on test) for the oracle and the predicted-class policy, and the
+random-set nulls per class and for the global set. Pure functions of the tallies and params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.model.flops import FlopModel
+from pipeline.params.steer import SteerParams
+from pipeline.steering.headline import (
+    ClassHeadline,
+    PolicyResult,
+    choose_per_group,
+    class_null,
+    curve_intervals,
+    evaluate_policy,
+    select_headline,
+)
+from pipeline.steering.results import (
+    AlphaCounts,
+    Baseline,
+    ClassNullSummary,
+    Curve,
+    Flops,
+    Headline,
+    NullCount,
+    NullPoint,
+    Policy,
+    Settings,
+    SteerDetails,
+    TopClass,
+)
+from pipeline.steering.strategies import GLOBAL, PER_CLASS, PER_CLASS_PREDICTED, STRATEGIES
+from pipeline.steering.sweep import Tally, Variant, overall, strategy_curves
+from pipeline.steering.uncertainty import interval, side
+
+
+def policy_summary(result: PolicyResult, alphas_by_class: dict[str, float]) -> Policy:
+    return Policy(**_policy_fields(result, alphas_by_class))
+
+
+def _policy_fields(result: PolicyResult, alphas_by_class: dict[str, float]) -> dict[str, Any]:
+    return {
+        "mean_usage_change": result.mean_usage_change,
+        "mean_usage_change_ci": list(result.mean_usage_change_ci),
+        "mean_accuracy_change": result.mean_accuracy_change,
+        "mean_accuracy_change_ci": list(result.mean_accuracy_change_ci),
+        "classes_with_reduction": int((result.usage_change < 0).sum()),
+        "classes_with_reduction_ci_below_zero": int((result.usage_change_ci[1] < 0).sum()),
+        "alpha": alphas_by_class,
+    }
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the sweep ran on, recorded in the details' settings."""
+
+    variants: int
+    head_path: str
+    model_sha256: str
+
+
+def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerParams, class_names: list[str], n_heads: int,
+            flops: FlopModel, usage_per_block: list[float], run: RunInfo) -> tuple[SteerDetails, list[ClassHeadline]]:
+    """metrics/details/steer.json's content and the per-class headline. `tallies` and `rows`
+    hold the test split and, when `sp.select_on` is `val`, the validation split; the FLOPs
+    keep every block but the final one at `usage_per_block` (finetune's, on test)."""
+    n_classes = len(class_names)
+    test, select = tallies["test"], tallies[sp.select_on]
+    labels = test.all_labels
+    base_acc, base_usage = overall(test, Variant(sp.strategies[0], 0.0, 0))
+    curves = {name: Curve(**curve) for name, curve in strategy_curves(test, sp.strategies).items()}
+    if sp.bootstrap:
+        for strategy, curve in curves.items():
+            outcomes = [test.image_outcomes(strategy, d) for d in test.draws(strategy)]
+            correct = torch.stack([o[1] for o in outcomes])
+            usage = torch.stack([o[2] for o in outcomes])
+            ci = curve_intervals(curve.alpha, correct, usage, labels, n_classes, sp.bootstrap, sp.confidence, sp.seed)
+            curve.accuracy_ci, curve.head_usage_ci = ci["accuracy_ci"], ci["head_usage_ci"]
+    gflops = lambda final_usage: flops.from_usage([*usage_per_block[:-1], final_usage]) / 1e9  # noqa: E731
+    for curve in curves.values():
+        curve.gflops = [gflops(u) for u in curve.head_usage]
+    head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
+    details = SteerDetails(
+        baseline=Baseline(accuracy=base_acc, head_usage=base_usage),
+        strategies=curves,
+        flops=Flops(gflops_dense=flops.dense / 1e9, gflops_unsteered=gflops(base_usage),
+                    final_block_attention_gflops_dense=flops.per_head[-1] * n_heads / 1e9),
+        settings=Settings(mode=sp.mode, keep_error=sp.keep_error, accuracy_tolerance=sp.accuracy_tolerance,
+                          select_on=sp.select_on, bootstrap=sp.bootstrap, confidence=sp.confidence,
+                          null_draws=sp.null_draws, head_index_base=sp.head_index_base,
+                          images={split: int(t.all_labels.numel()) for split, t in tallies.items()},
+                          variants=run.variants, head_path=run.head_path, model_sha256=run.model_sha256),
+    )
+
+    headline: list[ClassHeadline] = []
+    if PER_CLASS in sp.strategies:
+        headline = select_headline(rows[sp.select_on], rows["test"], n_heads, sp.accuracy_tolerance, PER_CLASS)
+        alphas, correct, usage = test.image_outcomes(PER_CLASS)
+        chosen = torch.tensor([alphas.index(c.alpha) for c in headline])  # headline: one entry per class with images
+        by_class = torch.zeros(n_classes, dtype=torch.long).fill_(alphas.index(0.0))
+        by_class[torch.tensor([c.class_id for c in headline])] = chosen
+        oracle = evaluate_policy(correct, usage, by_class[labels], labels, n_classes, alphas, sp.bootstrap, sp.confidence, sp.seed)
+        null_name = STRATEGIES[PER_CLASS].null
+        nulls = class_null(rows["test"], PER_CLASS, null_name, sp.confidence) if null_name in sp.strategies else {}
+        for c in headline:
+            if sp.bootstrap:
+                c.accuracy_change_ci = (float(oracle.accuracy_change_ci[0][c.class_id]), float(oracle.accuracy_change_ci[1][c.class_id]))
+                c.usage_change_ci = (float(oracle.usage_change_ci[0][c.class_id]), float(oracle.usage_change_ci[1][c.class_id]))
+            if c.class_id in nulls:
+                effect, low, high = nulls[c.class_id][c.alpha]
+                c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
+        mean_change = _policy_fields(oracle, {})["mean_usage_change"]
+        details.per_class_headline = Headline(
+            **_policy_fields(oracle, {c.name: c.alpha for c in headline}),
+            usage_change={c.name: c.usage - c.baseline_usage for c in headline},
+            mean_gflops_change=gflops(base_usage + mean_change) - gflops(base_usage),
+            mean_usage_reduction=sum(c.usage_reduction for c in headline) / len(headline),
+            selected_on=sp.select_on,
+            alpha_counts=AlphaCounts(negative=sum(c.alpha < 0 for c in headline), zero=sum(c.alpha == 0 for c in headline),
+                                     positive=sum(c.alpha > 0 for c in headline)),
+            top=[TopClass(name=c.name, alpha=c.alpha, baseline_accuracy=c.baseline_accuracy, baseline_usage=c.baseline_usage,
+                          accuracy=c.accuracy, usage=c.usage, heads=[head_name(h) for h in c.heads],
+                          usage_change_ci=_pair(c.usage_change_ci), accuracy_change_ci=_pair(c.accuracy_change_ci),
+                          beyond_null=c.beyond_null)
+                 for c in sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]],
+            null=ClassNullSummary(
+                classes_below=sum(c.beyond_null < 0 for c in headline),
+                classes_above=sum(c.beyond_null > 0 for c in headline),
+                classes=len(headline),
+                per_alpha={str(a): NullCount(below=sum(side(*nulls[k][a]) < 0 for k in nulls),
+                                             above=sum(side(*nulls[k][a]) > 0 for k in nulls)) for a in alphas},
+            ) if nulls else None,
+        )
+        if PER_CLASS_PREDICTED in sp.strategies:
+            s_alphas, s_correct, s_usage = select.image_outcomes(PER_CLASS_PREDICTED)
+            by_prediction = choose_per_group(s_correct, s_usage, select.all_base_predictions, n_classes, s_alphas, sp.accuracy_tolerance)
+            p_alphas, p_correct, p_usage = test.image_outcomes(PER_CLASS_PREDICTED)
+            predicted = evaluate_policy(p_correct, p_usage, by_prediction[test.all_base_predictions], labels, n_classes,
+                                        p_alphas, sp.bootstrap, sp.confidence, sp.seed)
+            details.predicted_class_policy = policy_summary(predicted, {name: p_alphas[int(i)] for name, i in zip(class_names, by_prediction)})
+    null_name = STRATEGIES[GLOBAL].null
+    if GLOBAL in sp.strategies and null_name in sp.strategies:
+        global_null = {}
+        curve = curves[GLOBAL]
+        for i, a in enumerate(curve.alpha):
+            effect = curve.head_usage[i] - base_usage
+            null_effects = torch.tensor([overall(test, Variant(null_name, a, d))[1] - base_usage for d in test.draws(null_name)])
+            low, high = (float(v) for v in interval(null_effects, sp.confidence))
+            global_null[str(a)] = NullPoint(usage_change=effect, null_low=low, null_high=high, side=side(effect, low, high))
+        details.global_null = global_null
+    return details, headline
+
+
+def _pair(bounds: tuple[float, float] | None) -> list[float] | None:
+    return None if bounds is None else list(bounds)
