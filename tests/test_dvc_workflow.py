@@ -118,23 +118,24 @@ def test_configuration_values_are_the_documented_ones():
 
 
 @pytest.mark.slow
-def test_a_configuration_runs_as_an_experiment_and_a_steer_param_reruns_steer_only(project):
+def test_a_configuration_runs_as_an_experiment_and_a_report_param_reruns_report_only(project):
     """The documented command for a configuration; its values and the headline metrics are
-    `dvc exp show` columns. The configuration differs only in a `steer` key: only steer reruns."""
+    `dvc exp show` columns. The configuration differs only in a key that only the report reads
+    (how many latents a class card shows): only `report` reruns."""
     repo = project.repo
     alt = yaml.safe_load((repo / "params.yaml").read_text())
-    alt["steer"]["top_classes"] = 3
+    alt["interpret"]["card_latents"] = 1
     (repo / "configs").mkdir(exist_ok=True)
     (repo / "configs/alt.yaml").write_text(yaml.safe_dump(alt, sort_keys=False))
     commit(repo, "a configuration")
 
     # the documented command (docs/EXPERIMENTS.md)
     out = sh(repo, "cp configs/alt.yaml params.yaml && dvc exp run -n alt", shell=True)
-    assert ran_stages(out) == {"steer"}
+    assert ran_stages(out) == {"report"}
 
     shown = _exp_show(repo)
     row = shown["alt"]
-    assert row["params"]["steer.top_classes"] == 3 and row["params"]["sae.k"] == TINY_PARAMS["sae"]["k"]
+    assert row["params"]["interpret.card_latents"] == 1 and row["params"]["sae.k"] == TINY_PARAMS["sae"]["k"]
     metrics = row["metrics"]
     for column in [
         "metrics/finetune.json:test_accuracy",
@@ -383,7 +384,15 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     assert [n for n, c in closures.items() if c & source_files] == ["download"]
     assert [n for n, c in closures.items() if "pipeline/sae/training.py" in c] == ["train_sae"]
     assert "pipeline/model/training.py" not in closures["extract"]
-    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer"}
+    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "report"}
+    # each params section's code is a dependency of exactly the stages that read it
+    readers = {name: {n for n, c in closures.items() if f"pipeline/params/{name}.py" in c}
+               for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer")}
+    assert readers == {"data": {"download", "report"}, "finetune": {"finetune", "report"}, "extract": {"extract", "report"},
+                       "sae": {"train_sae", "report"}, "stats": {"latent_stats", "report"},
+                       "interpret": {"interpret", "report"}, "steer": {"steer", "report"}}
+    # the report's code is its own: the sweep does not depend on how its results are written up
+    assert [n for n, c in closures.items() if "pipeline/report/render.py" in c] == ["report"]
 
 
 def _outputs(stage: dict) -> set[str]:
@@ -410,9 +419,9 @@ def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
 
 
 @pytest.mark.slow
-def test_an_sae_param_reruns_train_sae_latent_stats_interpret_and_steer_only(project):
+def test_an_sae_param_reruns_train_sae_latent_stats_interpret_steer_and_report_only(project):
     set_param(project.repo, "sae", "seed", 1)
-    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer"}
+    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer", "report"}
     commit(project.repo, "sae seed")
 
 
@@ -428,7 +437,7 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
         + "\n\n_run = run\n\n\ndef run(cfg):\n"
         + "    _run(cfg.model_copy(update={'top_k': 3}))\n"
     )
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer", "report"}
     top_sets = json.loads((repo / "data/stats/top_sets.json").read_text())
     assert len(top_sets["global"]) == 3
     commit(repo, "latent_stats edited")
@@ -458,6 +467,35 @@ def test_editing_a_source_or_the_sae_trainer_reruns_only_its_stage(project):
     trainer.write_text(trainer.read_text() + "\n# a comment\n")
     assert ran_stages(sh(repo, "dvc", "repro")) == {"train_sae"}
     commit(repo, "trainer comment")
+
+
+@pytest.mark.slow
+def test_a_report_wording_edit_reruns_report_alone(project):
+    """The report is its own stage: rewording a heading reruns `report`, never the sweep."""
+    repo = project.repo
+    render = repo / "pipeline/report/render.py"
+    render.write_text(render.read_text().replace('"## Figures"', '"## The figures"'))
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"report"}
+    assert "## The figures" in (repo / "metrics/report.md").read_text()
+    commit(repo, "report wording")
+
+
+@pytest.mark.slow
+def test_editing_one_params_section_reruns_only_the_stages_that_read_it(project):
+    """A section's model lives in its own module: an edit to the steering params' code reruns
+    `steer` and `report` (which prints steering choices); one to the SAE params' code reruns
+    `train_sae` (whose outputs come out byte-identical, so nothing after it follows) and
+    `report`, and never `finetune` or `extract`."""
+    repo = project.repo
+    steer = repo / "pipeline/params/steer.py"
+    steer.write_text(steer.read_text().replace('"""Steering strengths;', '"""The steering strengths;'))
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"steer", "report"}
+    commit(repo, "steer params docstring")
+
+    sae = repo / "pipeline/params/sae.py"
+    sae.write_text(sae.read_text() + "\n# a note on the SAE's parameters\n")
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"train_sae", "report"}
+    commit(repo, "sae params comment")
 
 
 # ------------------------------------------------------------------------------ sweeps

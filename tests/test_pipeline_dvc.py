@@ -1,13 +1,15 @@
-"""The real `dvc repro` in a temporary git repository: all seven stages, then nothing reruns,
-then a `steer` change reruns `steer` alone, an `interpret` change `interpret` and `steer`, and a
-`data` change `download` (and, content changing, everything after it)."""
+"""The real `dvc repro` in a temporary git repository, one property per test on one finished
+run: all eight stages run and write the report; the explore and export commands read the run;
+a second repro reruns nothing; each kind of change reruns only the stages it touches."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,12 +23,18 @@ def cli(repo, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=repo, env=dvc_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path):
-    repo = new_project(tmp_path, TINY_PARAMS)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny project after its first `dvc repro`, and what that printed. Tests only read it
+    (one that changes things works on a copy)."""
+    repo = new_project(tmp_path_factory.mktemp("pipeline-dvc"), TINY_PARAMS)
+    return repo, sh(repo, "dvc", "repro")
 
-    first = sh(repo, "dvc", "repro")
-    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer"}
+
+@pytest.mark.slow
+def test_the_first_repro_runs_every_stage_and_writes_the_report(finished):
+    repo, first = finished
+    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "report"}
     report = (repo / "metrics/report.md").read_text()
     assert "## Per-class steering (headline)" in report and "| class |" in report
     assert "## What the latents mean" in report and "### Class cards" in report
@@ -36,8 +44,13 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     assert steer["settings"]["select_on"] == "val" and steer["settings"]["images"] == {"val": 16, "test": 32}
     assert steer["settings"]["model_sha256"] == hashlib.sha256((repo / "models/vit/model.safetensors").read_bytes()).hexdigest()
     assert (repo / "data/dataset/val.parquet").exists() and (repo / "data/embeddings/val.parquet").exists()
+    headline = pq.read_table(repo / "data/steer/headline.parquet").to_pydict()
+    assert headline["alpha"] == [steer["per_class_headline"]["alpha"][c] for c in headline["class"]]
 
-    # A person exploring the run: one latent, one class (read from the stages' outputs).
+
+@pytest.mark.slow
+def test_latent_and_class_describe_a_finished_run(finished):
+    repo, _ = finished
     latents = pq.read_table(repo / "data/interpret/latents.parquet").to_pydict()
     alive = [j for j, rate in zip(latents["latent"], latents["firing_rate"]) if rate > 0]
     shown = cli(repo, "latent", str(alive[0]))
@@ -48,6 +61,14 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     card = cli(repo, "class", first_class)
     assert card.returncode == 0, card.stderr
     assert card.stdout.startswith(f"class {first_class}: top latents") and "steering (headline" in card.stdout
+    assert cli(repo, "latent", "100000").returncode == 1
+    unknown = cli(repo, "class", "no-such-class")
+    assert unknown.returncode == 1 and "no class 'no-such-class'" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_export_pruned_keeps_the_majority_heads_or_the_headline_heads(finished):
+    repo, _ = finished
     pair = json.loads((repo / "data/stats/top_sets.json").read_text())["class_names"][:2]
     exported = cli(repo, "export-pruned", "--classes", ",".join(pair))
     assert exported.returncode == 0, exported.stderr
@@ -66,37 +87,37 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(tmp_path)
     assert "steered at those alphas" in steered.stdout
     assert cli(repo, "export-pruned", "--classes", "no-such-class").returncode == 1
     assert cli(repo, "export-pruned", "--classes", pair[0], "--heads", "loudest").returncode == 1
-    assert cli(repo, "latent", "100000").returncode == 1
-    unknown = cli(repo, "class", "no-such-class")
-    assert unknown.returncode == 1 and "no class 'no-such-class'" in unknown.stderr
 
+
+@pytest.mark.slow
+def test_a_second_repro_reruns_nothing(finished):
+    repo, _ = finished
     second = sh(repo, "dvc", "repro")
     assert ran_stages(second) == set() and "up to date" in second
     assert "changed" not in sh(repo, "dvc", "status")
 
-    # A steering change does not touch interpret; an interpret change reruns steer's report too.
+
+@pytest.mark.slow
+def test_each_params_change_reruns_only_the_stages_that_read_it(finished, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(finished[0], repo, symlinks=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["steer"]["alphas"] = [-1.0, 0.0, 2.0]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"steer"}
-    params["interpret"]["top_n"] = 5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"interpret", "steer"}
 
-    # A `data` change reruns download; its output changes, so everything downstream follows.
-    params["data"]["seed"] = 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "download" in sh(repo, "dvc", "status")
-    third = sh(repo, "dvc", "repro")
-    assert "download" in ran_stages(third) and "steer" in ran_stages(third)
+    def change(section: str, key: str, value) -> set[str]:
+        params[section][key] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return ran_stages(sh(repo, "dvc", "repro"))
 
+    # steering and interpretation are independent; the report reads both
+    assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "report"}
+    assert change("interpret", "top_n", 5) == {"interpret", "report"}
+    # a `data` change reruns download; its output changes, so everything downstream follows
+    ran = change("data", "seed", 1)
+    assert {"download", "steer", "report"} <= ran
     # A `data` change that keeps every image (max_per_class above the class size) changes only
     # the data set's provenance metadata: finetune reruns and, being deterministic, writes the
     # same weights, so DVC's content hashes stop the rerun before train_sae and latent_stats.
-    params["data"]["max_per_class"] = 1000
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    fourth = sh(repo, "dvc", "repro")
-    assert ran_stages(fourth) == {"download", "finetune", "extract", "interpret", "steer"}
+    assert change("data", "max_per_class", 1000) == {"download", "finetune", "extract", "interpret", "steer", "report"}
 
 
 def test_the_explore_commands_name_the_stage_to_run_when_its_outputs_are_missing(tmp_path):
