@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 from pipeline.data.dataset import load_images
+from pipeline.interpret.top_sets import read_top_sets
 from pipeline.model.gated_vit import load_gated_vit
 from pipeline.params.file import load_params
 from pipeline.sae.registry import load_sae
-from pipeline.stages.steer import load_sets
-from pipeline.steering.sweep import result_rows, run_sweep, variants_for
-from pipeline.storage import read_json
+from pipeline.steering.sweep import latent_sets, result_rows, run_sweep, variants_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_steering import steer_batch_naive  # noqa: E402  (the naive path lives with the tests)
@@ -42,7 +41,8 @@ def main() -> None:
     sp = load_params(args.params or root / "params.yaml").steer
     model, config = load_gated_vit(root / "models/vit")
     sae = load_sae(root / "models/sae")
-    sets = load_sets(read_json(root / "data/stats/top_sets.json"), sae.n_latents, config.class_names, sp.null_draws, sp.seed)
+    sets = latent_sets(read_top_sets(root / "data/stats/top_sets.json", classes=(config.class_names, root / "models/vit"),
+                                     width=(sae.n_latents, root / "models/sae")), sp.null_draws, sp.seed)
     test = load_images(root / "data/dataset/test.parquet")
     images, labels = test.images[: args.images], test.labels[: args.images]
     variants = variants_for(sp.strategies, sp.alphas, sp.null_draws)

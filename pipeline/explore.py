@@ -10,12 +10,13 @@ import numpy as np
 from pipeline.data.dataset import read_images_at
 from pipeline.errors import PipelineError
 from pipeline.interpret.cards import Interpretation, latent_line, load_interpretation, pushes
+from pipeline.interpret.latents import SHIFT_SETS
+from pipeline.interpret.records import read_stats_record
 from pipeline.interpret.top_sets import TopSets, read_top_sets
 from pipeline.layout import download, latent_stats, steer
 from pipeline.layout import interpret as files
 from pipeline.report import plots
 from pipeline.steering.results import read_details
-from pipeline.storage import read_json
 
 EXPLORE = Path("explore")
 """Where the commands write their figures (git-ignored): explore/latent_<N>.png."""
@@ -25,12 +26,6 @@ def _interpretation() -> Interpretation:
     if not files.LATENTS.exists() or not files.GALLERIES.exists():
         raise PipelineError(f"{files.INTERPRET} is missing: run `dvc repro interpret` (or `pipeline interpret`) first")
     return load_interpretation()
-
-
-def _read(path: Path, stage: str) -> dict:
-    if not path.exists():
-        raise PipelineError(f"{path} is missing: run `dvc repro {stage}` first")
-    return read_json(path)
 
 
 def _top_sets() -> TopSets:
@@ -79,11 +74,13 @@ def describe_class(name: str, card_latents: int = 3, head_base: int = 0) -> str:
         close = [c for c in classes if name.lower() in c.lower()][:5]
         raise PipelineError(f"no class '{name}' in this run" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     heads = [f"h{h + head_base}" for h in range(interp.attribution.shape[1])]
-    related = _read(latent_stats.DETAILS, "latent_stats").get("related", {}).get(name, [])
+    if not latent_stats.DETAILS.exists():
+        raise PipelineError(f"{latent_stats.DETAILS} is missing: run `dvc repro latent_stats` first")
+    related = read_stats_record(latent_stats.DETAILS).related.get(name, [])
     lines = [f"class {name}: top latents (most frequent first)"]
     for j in top_sets.per_class[name][:card_latents]:
         lines.append(f"  {latent_line(interp, j)}; pushes {pushes(interp, j, heads)}")
-    lines.append("shares latents with: " + (", ".join(f"{r['class']} (overlap {r['overlap']:.2f})" for r in related) or "no class"))
+    lines.append("shares latents with: " + (", ".join(f"{r.name} (overlap {r.overlap:.2f})" for r in related) or "no class"))
     if steer.DETAILS.exists():
         headline = read_details(steer.DETAILS).per_class_headline
         if headline is not None and name in headline.alpha:
@@ -91,7 +88,7 @@ def describe_class(name: str, card_latents: int = 3, head_base: int = 0) -> str:
                          f"usage change {headline.usage_change[name]:+.3f} on test")
     else:
         lines.append(f"steering outcome: {steer.DETAILS} is missing (run `dvc repro steer`)")
-    shift = interp.unit_shifts[("per_class", "scale")][classes.index(name)]
+    shift = interp.unit_shifts[(SHIFT_SETS[0], "scale")][classes.index(name)]
     lines.append("predicted mean gate-logit shift per unit alpha (own set, mode scale): "
                  + ", ".join(f"{h} {s:+.3f}" for h, s in zip(heads, np.asarray(shift))))
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig, ModelShape
+from pipeline.model.record import TrainingRecord
 from pipeline.report.render import ReportInputs, render_report
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import SteerDetails
@@ -11,9 +13,11 @@ from pipeline.storage import from_json_value
 from conftest import steer_details as steer_metrics
 
 HEADS = ["h0", "h1", "h2", "h3", "h4", "h5"]
-FINETUNE = {"test_accuracy": 0.372, "head_usage": 0.561, "head_usage_per_block": [1.0, 0.75, 0.561]}
+FINETUNE = {"test_accuracy": 0.372, "head_usage": 0.561, "head_usage_per_block": [1.0, 0.75, 0.561],
+            "head_usage_per_head": [0.5] * 6, "epochs": 3, "num_classes": 3}
 SAE = {"n_latents": 768, "k": 32, "test": {"fvu": 0.043, "mse": 0.0123, "l0": 32.0, "dead_fraction": 0.004}}
-STATS = {"overlap_global_vs_class": 0.41, "jaccard_global_vs_class": 0.26, "alive_latents": 765}
+STATS = StatsRecord(overlap_global_vs_class=0.41, jaccard_global_vs_class=0.26, alive_latents=765, alive_fraction=0.996,
+                    mean_l0=32.0, n_samples=900)
 
 
 def config(embed_dim: int = 96, depth: int = 6) -> ModelConfig:
@@ -30,7 +34,7 @@ def headline(class_id: int, name: str, base: tuple[float, float], steered: tuple
 
 def render(params, steer: dict, rows: list[ClassHeadline], finetune: dict = FINETUNE, model: ModelConfig | None = None) -> str:
     """The page from these inputs; `steer` goes through the details file's typed reader."""
-    return render_report(ReportInputs(params=params, config=model or config(), finetune=finetune, sae=SAE, stats=STATS,
+    return render_report(ReportInputs(params=params, config=model or config(), finetune=from_json_value(TrainingRecord, finetune), sae=SAE, stats=STATS,
                                       steer=from_json_value(SteerDetails, steer), headline=rows, head_names=HEADS))
 
 

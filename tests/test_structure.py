@@ -91,3 +91,23 @@ def test_the_tree_is_clean_under_ruff():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "pipeline", "tests", "bench"],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_every_name_the_benchmarks_and_tests_import_from_the_package_exists():
+    """bench/ scripts run only under `make bench`: a renamed or moved function must fail here,
+    not there (and a test helper that imports a name that no longer exists, too)."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted([*(REPO_ROOT / "bench").glob("*.py"), *(REPO_ROOT / "tests").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ModuleNotFoundError:
+                            missing.append(f"{path.name}: {node.module}.{alias.name}")
+    assert not missing, missing

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.interpret.latents import pearson, spearman
+from pipeline.interpret.latents import SHIFT_SETS, pearson, spearman
 from pipeline.layout import interpret as files
 from pipeline.storage import rounded
 
-SHIFT_STRATEGIES = ("per_class", "global")
+SHIFT_STRATEGIES = SHIFT_SETS
 
 
 @dataclass(frozen=True)
@@ -152,15 +152,16 @@ class GlobalSetShift:
 
 def global_set_shift(interp: Interpretation, rows: list[dict], mode: str, alpha: float, n_heads: int) -> GlobalSetShift | None:
     """None when `alpha` is not positive or the rows hold no `global` strategy."""
-    counts = {r["class_id"]: r["n"] for r in rows if r["strategy"] == "global" and r["alpha"] == 0.0 and r["draw"] == 0}
-    unit = interp.unit_shifts[("global", mode)]
+    name = SHIFT_SETS[1]
+    counts = {r["class_id"]: r["n"] for r in rows if r["strategy"] == name and r["alpha"] == 0.0 and r["draw"] == 0}
+    unit = interp.unit_shifts[(name, mode)]
     weights = np.array([counts.get(c, 0) for c in range(unit.shape[0])], dtype=float)
     if alpha <= 0 or not weights.sum():
         return None
     predicted = alpha * (weights @ unit) / weights.sum()
     measured = [0.0] * n_heads
     for r in rows:
-        if r["strategy"] == "global" and r["draw"] == 0 and r["alpha"] in (0.0, alpha):
+        if r["strategy"] == name and r["draw"] == 0 and r["alpha"] in (0.0, alpha):
             sign = 1.0 if r["alpha"] == alpha else -1.0
             for h in range(n_heads):
                 measured[h] += sign * r["n"] * r[f"keep_h{h}"] / weights.sum()

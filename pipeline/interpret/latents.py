@@ -183,6 +183,12 @@ def head_attribution(decision_weight: Tensor, decoder_directions: Tensor) -> Ten
     return decoder_directions @ decision_weight.T
 
 
+SHIFT_SETS = ("per_class", "global")
+"""The latent sets whose gate-logit shifts `interpret` predicts (data/interpret/shifts.parquet):
+each class's own top set and the global set, the sets of the `per_class` and `global` steering
+strategies."""
+
+
 def unit_logit_shifts(set_masks: Tensor, weights: Tensor, attribution: Tensor) -> Tensor:
     """Mean gate-logit shift per head at alpha = 1 for G groups of images, each steered with
     its own set: set_masks (G, L) bool, weights (G, L) (E[z_j] over the group for mode `scale`,

@@ -60,7 +60,8 @@ def extract_split(
     dim, heads = model.vit.embed_dim, model.num_heads
     schema = embedding_schema(dim, heads, list(extra_layers), meta, gated_blocks=model.depth - model.keep_layers)
     # Arrow's default mimalloc pool keeps the pages of every freed batch next to torch's own
-    # allocations (RSS grew ~10 MB per 1000 images); the system allocator keeps it flat.
+    # allocations, so memory grows with the data set; the system allocator keeps it flat
+    # (BENCHMARKS.md, "Extraction", has the measurement).
     previous_pool = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:

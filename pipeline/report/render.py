@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.interpret.cards import SHIFT_STRATEGIES, ClassCard, GlobalSetShift, ShiftAgreement
+from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig
+from pipeline.model.record import TrainingRecord
 from pipeline.params.file import Params
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import Curve, NullPoint, SteerDetails
@@ -43,12 +45,10 @@ class Explanation:
 class ReportInputs:
     params: Params
     config: ModelConfig
-    finetune: dict[str, Any]
-    """metrics/details/finetune.json."""
+    finetune: TrainingRecord
     sae: dict[str, Any]
     """metrics/details/sae.json."""
-    stats: dict[str, Any]
-    """metrics/details/latent_stats.json."""
+    stats: StatsRecord
     steer: SteerDetails
     headline: list[ClassHeadline]
     head_names: list[str]
@@ -95,13 +95,13 @@ def _ci(bounds: list[float] | tuple[float, float] | None) -> str:
     return "" if bounds is None else f" [{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
-def _compute_line(finetune: dict[str, Any], steer: SteerDetails) -> list[str]:
-    if "gflops" not in finetune:
+def _compute_line(finetune: TrainingRecord, steer: SteerDetails) -> list[str]:
+    if finetune.gflops is None:
         return []
     final_attention = steer.flops.final_block_attention_gflops_dense
-    share = f"; the final block's attention is {100 * final_attention / finetune['gflops_dense']:.1f}% of the dense model" if final_attention else ""
-    return [f"- Compute, matmul FLOPs per test image from the gates (`pipeline.model.flops`): {finetune['gflops']:.4g} GFLOPs, "
-            f"{100 * finetune['gflops_fraction']:.0f}% of the dense model's {finetune['gflops_dense']:.4g}{share}. "
+    share = f"; the final block's attention is {100 * final_attention / finetune.gflops_dense:.1f}% of the dense model" if final_attention else ""
+    return [f"- Compute, matmul FLOPs per test image from the gates (`pipeline.model.flops`): {finetune.gflops:.4g} GFLOPs, "
+            f"{100 * finetune.gflops_fraction:.0f}% of the dense model's {finetune.gflops_dense:.4g}{share}. "
             + _path_note(steer.settings.head_path)]
 
 
@@ -239,14 +239,14 @@ def _model_and_sae(r: ReportInputs) -> list[str]:
     return [
         "## Model and SAE",
         "",
-        f"- Test accuracy {_pct(finetune['test_accuracy'])}; final-block head usage {finetune['head_usage']:.3f}; "
-        f"per block {', '.join(f'{u:.2f}' for u in finetune['head_usage_per_block'])}.",
+        f"- Test accuracy {_pct(finetune.test_accuracy)}; final-block head usage {finetune.head_usage:.3f}; "
+        f"per block {', '.join(f'{u:.2f}' for u in finetune.head_usage_per_block)}.",
         f"- SAE on the test split: FVU {sae['test']['fvu']:.4f}, MSE {sae['test']['mse']:.4g}, L0 {sae['test']['l0']:.1f}, "
         f"dead fraction {sae['test']['dead_fraction']:.3f} (paper: MSE {PAPER_SAE_MSE}, definition not given).",
         *_compute_line(finetune, r.steer),
         f"- Latent overlap between the global top set and each class's (mean over classes): "
-        f"|A ∩ B| / K = {stats['overlap_global_vs_class']:.4f}, Jaccard = {stats['jaccard_global_vs_class']:.4f} "
-        f"(paper: {PAPER_OVERLAP}, formula not given). Alive latents: {stats['alive_latents']}.",
+        f"|A ∩ B| / K = {stats.overlap_global_vs_class:.4f}, Jaccard = {stats.jaccard_global_vs_class:.4f} "
+        f"(paper: {PAPER_OVERLAP}, formula not given). Alive latents: {stats.alive_latents}.",
         "",
     ]
 
@@ -320,10 +320,10 @@ def _beside_paper(r: ReportInputs) -> list[str]:
             f"({ref['heads']}) | {got} |"
         )
     lines += [
-        f"| overlap global vs class | {PAPER_OVERLAP} | {stats['overlap_global_vs_class']:.4f} (\\|A ∩ B\\| / K), {stats['jaccard_global_vs_class']:.4f} (Jaccard) |",
+        f"| overlap global vs class | {PAPER_OVERLAP} | {stats.overlap_global_vs_class:.4f} (\\|A ∩ B\\| / K), {stats.jaccard_global_vs_class:.4f} (Jaccard) |",
         "",
         ("This run has the paper's architecture (ViT-S/16 width 384, 12 blocks) and real data; at "
-         f"{_pct(finetune['test_accuracy'])} test accuracy, compare its numbers with the paper's only as far as the models' "
+         f"{_pct(finetune.test_accuracy)} test accuracy, compare its numbers with the paper's only as far as the models' "
          "accuracy and head usage are alike."
          if paper_scale else
          "This run is smaller than the paper's (model, data or both): compare signs and shapes of the curves, not values. "

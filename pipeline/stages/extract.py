@@ -33,9 +33,10 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.extraction import extract_split
 from pipeline.model.flops import FlopModel, flop_model
 from pipeline.model.gated_vit import GatedViT, load_gated_vit, resolve_head_path
+from pipeline.model.record import read_record
 from pipeline.params.extract import ExtractParams
 from pipeline.runtime import DistInfo, device_and_distributed, finish_distributed
-from pipeline.storage import atomic_path, clean_outputs, parquet_writer, read_json, weights_sha256, write_json
+from pipeline.storage import atomic_path, clean_outputs, parquet_writer, weights_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,12 @@ def write_metrics(model_hash: str, splits: tuple[str, ...], flops: FlopModel, ke
     """Recompute the headline numbers from the stored rows: they must agree with finetune's."""
     tables = {split: read_embeddings(files.embeddings_split(split)) for split in splits}
     test = tables["test"]
-    finetune_metrics = read_json(finetune.DETAILS)  # unrounded
-    consistent = abs(test.accuracy - finetune_metrics["test_accuracy"]) < 1e-9 and abs(test.head_usage - finetune_metrics["head_usage"]) < 1e-9
+    record = read_record(finetune.DETAILS)  # unrounded
+    consistent = abs(test.accuracy - record.test_accuracy) < 1e-9 and abs(test.head_usage - record.head_usage) < 1e-9
     if not consistent:
         log.warning(
             "stored rows give accuracy %.6f / usage %.6f, finetune reported %.6f / %.6f",
-            test.accuracy, test.head_usage, finetune_metrics["test_accuracy"], finetune_metrics["head_usage"],
+            test.accuracy, test.head_usage, record.test_accuracy, record.head_usage,
         )
     write_json(
         files.DETAILS,

@@ -15,6 +15,7 @@ from pipeline.layout import download
 from pipeline.layout import finetune as files
 from pipeline.model.flops import flop_model
 from pipeline.model.gated_vit import build_gated_vit, model_config, save_gated_vit
+from pipeline.model.record import TrainingRecord, write_record
 from pipeline.model.training import evaluate, train
 from pipeline.params.finetune import FinetuneParams
 from pipeline.params.model import ModelParams
@@ -72,12 +73,12 @@ def run(mp: ModelParams, fp: FinetuneParams) -> None:
         flops = flop_model(model)
         gflops = flops.from_usage(final.head_usage_per_block) / 1e9
         write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage, "gflops": gflops}))
-        write_json(files.DETAILS, {
-            **final.summary(), "epochs": fp.epochs, "num_classes": len(class_names),
+        write_record(files.DETAILS, TrainingRecord(
+            **final.summary(), epochs=fp.epochs, num_classes=len(class_names),
             # matmul GFLOPs per test image from the gates (pipeline.model.flops), and what the masked
             # path computes for every image (all heads)
-            "gflops": gflops, "gflops_dense": flops.dense / 1e9, "gflops_fraction": gflops * 1e9 / flops.dense,
-            "gflops_per_head": [c / 1e9 for c in flops.per_head], "gflops_fixed": flops.fixed / 1e9,
-        })
+            gflops=gflops, gflops_dense=flops.dense / 1e9, gflops_fraction=gflops * 1e9 / flops.dense,
+            gflops_per_head=[c / 1e9 for c in flops.per_head], gflops_fixed=flops.fixed / 1e9,
+        ))
         log.info("test accuracy %.4f, final-block head usage %.3f", final.accuracy, final.head_usage)
     finish_distributed(dist_info)

@@ -143,7 +143,8 @@ def unit_shifts(top_sets: TopSets, test_stats: st.LatentStats, attribution: torc
     mean_active = top_sets.mean_active(torch.float64)
     counts = test_stats.class_counts.double().clamp_min(1)[:, None]
     mean_z = test_stats.value_sum_class / counts  # (C, L): E over the class's images, zeros included
-    masks = {"per_class": per_class, "global": global_set.expand_as(per_class)}
+    own, everyone = it.SHIFT_SETS
+    masks = {own: per_class, everyone: global_set.expand_as(per_class)}
     return {
         name: {"scale": it.unit_logit_shifts(mask, mean_z, attribution),
                "add": it.unit_logit_shifts(mask, mean_active.expand_as(mean_z), attribution)}

@@ -24,6 +24,7 @@ from pipeline.checks import labels_in_range, same_classes, same_width
 from pipeline.data.embeddings import EmbeddingTable, read_embeddings
 from pipeline.errors import ParamsError
 from pipeline.interpret import stats as st
+from pipeline.interpret.records import RelatedClass, SplitSummary, StatsRecord, write_stats_record
 from pipeline.interpret.top_sets import TopSets, write_top_sets
 from pipeline.layout import extract, train_sae
 from pipeline.layout import latent_stats as files
@@ -78,14 +79,15 @@ def run(cfg: StatsParams) -> None:
         mean_active_value=train_stats.mean_active_all.tolist(),
     ))
 
-    metrics = _summary(train_stats, global_set, class_sets, top_k)
-    metrics["test"] = _summary(split_stats["test"], *sets["test"], top_k)
-    metrics["test"].update(_stability(sets["train"], sets["test"], n_latents, top_k))
-    metrics["class_overlap_offdiag_mean"] = _r(_offdiag_mean(overlap))
-    metrics["related"] = _related(overlap, jaccard, class_names, cfg.related)
-    metrics.update(top_k=top_k, n_latents=n_latents, n_classes=len(class_names))
-    write_json(files.DETAILS, metrics)
-    write_json(files.METRICS, {"overlap": metrics["overlap_global_vs_class"], "jaccard": metrics["jaccard_global_vs_class"]})
+    test_summary = SplitSummary(**_summary(split_stats["test"], *sets["test"], top_k),
+                                **_stability(sets["train"], sets["test"], n_latents, top_k))
+    record = StatsRecord(
+        **_summary(train_stats, global_set, class_sets, top_k), test=test_summary,
+        class_overlap_offdiag_mean=_r(_offdiag_mean(overlap)), related=_related(overlap, jaccard, class_names, cfg.related),
+        top_k=top_k, n_latents=n_latents, n_classes=len(class_names),
+    )
+    write_stats_record(files.DETAILS, record)
+    write_json(files.METRICS, {"overlap": record.overlap_global_vs_class, "jaccard": record.jaccard_global_vs_class})
 
     write_json(files.CLASS_OVERLAP, [
         {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}
@@ -94,8 +96,7 @@ def run(cfg: StatsParams) -> None:
     plots.overlap_heatmap(overlap.numpy(), class_names, files.OVERLAP_HEATMAP, title=f"Top-{top_k} latent overlap |A ∩ B| / K (train)")
     plots.frequency_histogram(train_stats.freq_all.numpy(), files.FIRING_HISTOGRAM)
     log.info("global vs class overlap %.4f (Jaccard %.4f); %d of %d latents alive; mean L0 %.2f",
-             metrics["overlap_global_vs_class"], metrics["jaccard_global_vs_class"],
-             metrics["alive_latents"], n_latents, metrics["mean_l0"])
+             record.overlap_global_vs_class, record.jaccard_global_vs_class, record.alive_latents, n_latents, record.mean_l0)
 
 
 def _encode(sae: SparseAutoencoder, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int) -> st.LatentStats:
@@ -135,10 +136,10 @@ def _offdiag_mean(matrix: torch.Tensor) -> float:
     return float((matrix.sum() - matrix.diagonal().sum()) / (c * (c - 1)))
 
 
-def _related(overlap: torch.Tensor, jaccard: torch.Tensor, class_names: list[str], n: int) -> dict[str, list[dict]]:
+def _related(overlap: torch.Tensor, jaccard: torch.Tensor, class_names: list[str], n: int) -> dict[str, list[RelatedClass]]:
     indices, values = st.most_related(overlap, n)
     return {
-        name: [{"class": class_names[j], "overlap": _r(v), "jaccard": _r(jaccard[i, j])}
+        name: [RelatedClass(name=class_names[j], overlap=_r(v), jaccard=_r(jaccard[i, j]))
                for j, v in zip(indices[i].tolist(), values[i].tolist())]
         for i, name in enumerate(class_names)
     }

@@ -20,10 +20,12 @@ from pipeline.interpret.cards import (
     global_set_shift,
     load_interpretation,
 )
+from pipeline.interpret.records import StatsRecord, read_stats_record
 from pipeline.interpret.top_sets import read_top_sets
 from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
 from pipeline.layout import report as files
 from pipeline.model.config import read_model_config
+from pipeline.model.record import read_record
 from pipeline.params.file import Params
 from pipeline.report import plots
 from pipeline.report.render import Explanation, ReportInputs, featured, render_report
@@ -42,7 +44,7 @@ def run(params: Params) -> None:
     details, headline = read_details(steer.DETAILS), read_headline(steer.HEADLINE)
     rows = read_results(steer.RESULTS, split="test")
     heads = [f"h{h + sp.head_index_base}" for h in range(config.shape.num_heads)]
-    stats = read_json(latent_stats.DETAILS)
+    stats = read_stats_record(latent_stats.DETAILS)
 
     curves = {s: details.strategies[s] for s in sp.strategies if s in details.strategies}
     plots.steering_curves({name: to_json_value(c) for name, c in curves.items()},
@@ -54,13 +56,13 @@ def run(params: Params) -> None:
 
     explained = explain(params, rows, headline, heads, stats)
     write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
-    inputs = ReportInputs(params=params, config=config, finetune=read_json(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
+    inputs = ReportInputs(params=params, config=config, finetune=read_record(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
                           stats=stats, steer=details, headline=headline, head_names=heads, explained=explained)
     write_text(files.REPORT, render_report(inputs))
     log.info("report in %s", files.REPORT)
 
 
-def explain(params: Params, rows: list[dict], headline: list[ClassHeadline], heads: list[str], stats: dict) -> Explanation:
+def explain(params: Params, rows: list[dict], headline: list[ClassHeadline], heads: list[str], stats: StatsRecord) -> Explanation:
     """What `interpret` predicted against what the sweep measured, the featured classes' cards,
     and their figures (class cards, attribution heatmap, predicted-vs-measured scatter)."""
     sp, ip = params.steer, params.interpret
@@ -77,10 +79,10 @@ def explain(params: Params, rows: list[dict], headline: list[ClassHeadline], hea
                        cards=cards, purity=read_json(interpret.DETAILS), keep_error=sp.keep_error)
 
 
-def class_card(interp: Interpretation, c: ClassHeadline, latents: list[int], heads: list[str], stats: dict) -> ClassCard:
+def class_card(interp: Interpretation, c: ClassHeadline, latents: list[int], heads: list[str], stats: StatsRecord) -> ClassCard:
     return ClassCard(name=c.name, latents=card_latents(interp, latents, heads), alpha=c.alpha,
                      usage=(c.baseline_usage, c.usage), accuracy=(c.baseline_accuracy, c.accuracy),
-                     related=[r["class"] for r in stats.get("related", {}).get(c.name, [])])
+                     related=[r.name for r in stats.related.get(c.name, [])])
 
 
 def draw_cards(interp: Interpretation, cards: list[ClassCard], images_per_latent: int, heads: list[str]) -> None:

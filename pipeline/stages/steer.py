@@ -24,6 +24,7 @@ from pipeline.layout import steer as files
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flop_model
 from pipeline.model.gated_vit import GatedViT, load_gated_vit, resolve_head_path
+from pipeline.model.record import read_record
 from pipeline.params.steer import SteerParams
 from pipeline.runtime import pick_device
 from pipeline.sae.base import SparseAutoencoder
@@ -32,7 +33,7 @@ from pipeline.steering.analysis import RunInfo, analyse
 from pipeline.steering.results import class_usage_rows, curve_rows, write_details, write_headline, write_results
 from pipeline.steering.strategies import LatentSets
 from pipeline.steering.sweep import Tally, Variant, latent_sets, result_rows, run_sweep, variants_for
-from pipeline.storage import atomic_path, clean_outputs, read_json, rounded, weights_sha256, write_json
+from pipeline.storage import atomic_path, clean_outputs, rounded, weights_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def run(sp: SteerParams) -> None:
     rows = {split: result_rows(tally, config.class_names) for split, tally in tallies.items()}
     run_info = RunInfo(variants=len(variants), head_path=model.head_path, model_sha256=weights_sha256(finetune.MODEL))
     details, headline = analyse(tallies, rows, sp, config.class_names, model.num_heads, flop_model(model),
-                                read_json(finetune.DETAILS)["head_usage_per_block"], run_info)
+                                read_record(finetune.DETAILS).head_usage_per_block, run_info)
 
     with atomic_path(files.RESULTS_DIR, directory=True) as tmp:  # both tables appear together
         write_results(tmp / files.RESULTS.name, [{"split": split, **row} for split in splits for row in rows[split]], model.num_heads)
