@@ -64,6 +64,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "latent_stats": ("stats",),
     "interpret": ("interpret",),
     "steer": ("steer",),
+    "ceiling": ("ceiling", "steer"),
     "report": None,
 }
 """The params sections each stage's `run` takes, in order (None: the whole file). A stage
@@ -202,6 +203,12 @@ def export_pruned(
 def steer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Amplify latent sets, measure accuracy and head usage; writes data/steer/ and its metrics."""
     _run_stage("steer", params, debug)
+
+
+@app.command()
+def ceiling(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Per class, the fixed final-block gate patterns under steering's headline rule; writes data/ceiling/."""
+    _run_stage("ceiling", params, debug)
 
 
 @app.command()

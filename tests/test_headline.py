@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.steering.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline
-from pipeline.steering.strategies import LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
+from pipeline.steering.strategies import PER_CLASS, LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
 from pipeline.steering.uncertainty import class_bootstrap, class_means, interval, pooled, side
 
 
@@ -24,10 +24,10 @@ def test_the_alpha_is_chosen_on_the_selection_rows_and_reported_from_the_report_
     better. The headline must take +1 (validation's choice) and report test's numbers at +1."""
     val = [row(0.8, 0.9, 0, 0.0), row(0.8, 0.5, 0, 1.0), row(0.6, 0.1, 0, 2.0)]
     test = [row(0.7, 0.95, 0, 0.0), row(0.65, 0.55, 0, 1.0), row(0.9, 0.05, 0, 2.0)]
-    (chosen,) = select_headline(val, test, 2, tolerance=0.0)
+    (chosen,) = select_headline(val, test, 2, tolerance=0.0, strategy=PER_CLASS)
     assert chosen.alpha == 1.0
     assert (chosen.baseline_accuracy, chosen.accuracy, chosen.usage) == (0.7, 0.65, 0.55)  # test's numbers
-    (same_split,) = select_headline(test, test, 2, tolerance=0.0)
+    (same_split,) = select_headline(test, test, 2, tolerance=0.0, strategy=PER_CLASS)
     assert same_split.alpha == 2.0  # choosing on test picks what test favours
 
 

@@ -9,7 +9,7 @@ from pipeline.model.gated_vit import build_gated_vit, model_config
 from pipeline.params.model import ModelParams
 from pipeline.sae.topk import TopKSAE
 from pipeline.steering.headline import select_headline
-from pipeline.steering.strategies import LatentSets, SteerBatch
+from pipeline.steering.strategies import PER_CLASS, LatentSets, SteerBatch
 from pipeline.steering.sweep import (
     Tally,
     Variant,
@@ -181,10 +181,10 @@ def test_headline_rule_picks_lowest_usage_within_tolerance():
 
     rows = [row(0, 0.0, 0.8, 0.9), row(0, 1.0, 0.8, 0.5), row(0, 2.0, 0.7, 0.1), row(0, -1.0, 0.9, 0.95),
             row(1, 0.0, 0.5, 0.4), row(1, 1.0, 0.4, 0.2)]
-    strict = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.0)}
+    strict = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.0, strategy=PER_CLASS)}
     assert strict[0].alpha == 1.0 and strict[0].usage == 0.5 and strict[0].heads == []
     assert strict[1].alpha == 0.0  # every other alpha loses accuracy
-    loose = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.1)}
+    loose = {c.class_id: c for c in select_headline(rows, rows, 2, tolerance=0.1, strategy=PER_CLASS)}
     assert loose[0].alpha == 2.0 and loose[1].alpha == 1.0
     assert abs(loose[0].usage_reduction - 0.8) < 1e-12
 

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
+from pipeline.layout import ceiling, download, finetune, interpret, latent_stats, steer, train_sae
 
 REPORT = Path("metrics/report.md")
 DETAILS = Path("metrics/details/report.json")
@@ -17,9 +17,11 @@ CLASS_CARDS = Path("metrics/plots/class_cards.png")
 ATTRIBUTION_HEATMAP = Path("metrics/plots/attribution_heatmap.png")
 SHIFT_SCATTER = Path("metrics/plots/shift_vs_keep.png")
 """Predicted gate-logit shift (interpret) against measured keep-rate change, per head."""
+FRONTIER = Path("metrics/plots/ceiling_frontier.png")
+"""Per featured class: every fixed pattern, the frontier, the ceiling's choice and steering."""
 
 READS = (
-    steer.RESULTS_DIR, steer.DETAILS, interpret.INTERPRET, interpret.DETAILS, latent_stats.STATS, latent_stats.DETAILS,
+    steer.RESULTS_DIR, steer.DETAILS, ceiling.CEILING, ceiling.DETAILS, interpret.INTERPRET, interpret.DETAILS, latent_stats.STATS, latent_stats.DETAILS,
     finetune.MODEL, finetune.DETAILS, train_sae.DETAILS, download.DATASET,
 )
-WRITES = (REPORT, DETAILS, CURVES_PNG, HEAD_KEEP_HEATMAP, CLASS_USAGE_PNG, CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER)
+WRITES = (REPORT, DETAILS, CURVES_PNG, HEAD_KEEP_HEATMAP, CLASS_USAGE_PNG, CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER, FRONTIER)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from pipeline.errors import ParamsError
 from pipeline.params.base import Section
+from pipeline.params.ceiling import CeilingParams
 from pipeline.params.data import DataParams
 from pipeline.params.extract import ExtractParams
 from pipeline.params.finetune import FinetuneParams
@@ -40,6 +41,7 @@ class Params(Section):
     stats: StatsParams
     interpret: InterpretParams
     steer: SteerParams
+    ceiling: CeilingParams
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

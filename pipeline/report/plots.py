@@ -269,3 +269,34 @@ def shift_scatter(points: dict[str, tuple[object, object]], path: Path | str, ti
         ax.set_title(title)
         ax.legend(fontsize=7, markerscale=2)
         save_figure(fig, path)
+
+
+def frontier_grid(panels: Sequence[dict], path: Path | str, title: str) -> None:
+    """One panel per class, test accuracy (y) against final-block usage (x): every fixed pattern
+    (grey), the selection split's Pareto frontier (line), the ceiling's choice (star), the
+    model's own gates (black) and per-class steering at each alpha (green, alpha 0 ringed).
+    A panel is {"name", "patterns": (usage, accuracy), "frontier": (usage, accuracy),
+    "ceiling": (usage, accuracy), "own": (usage, accuracy), "steering": (usage, accuracy)}."""
+    n = max(len(panels), 1)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(3.0 * cols, 2.7 * rows + 0.4)
+        for i, panel in enumerate(panels):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            ax.scatter(*panel["patterns"], color="lightgray", s=10, label="fixed patterns (test)")
+            ax.plot(*panel["frontier"], color="tab:gray", linewidth=1.0, label="frontier (chosen on selection split)")
+            ax.plot(*panel["steering"], color="tab:green", marker="o", markersize=3, linewidth=1.0, label="per-class steering")
+            ax.scatter(*panel["own"], color="black", s=30, zorder=3, label="own gates (unsteered)")
+            ax.scatter(*panel["ceiling"], color="tab:red", marker="*", s=90, zorder=4, label="ceiling's choice")
+            ax.set_xlim(-0.05, 1.05)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(panel["name"], fontsize=9)
+            ax.set_xlabel("final-block head usage")
+            ax.set_ylabel("test accuracy")
+            if i == 0:
+                ax.legend(fontsize=6, loc="lower right")
+        if not panels:
+            fig.add_subplot().text(0.5, 0.5, "no classes to show", ha="center")
+        fig.suptitle(title, fontsize=10)
+        save_figure(fig, path)

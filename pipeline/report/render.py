@@ -15,6 +15,7 @@ from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig
 from pipeline.model.record import TrainingRecord
 from pipeline.params.file import Params
+from pipeline.steering.ceiling import CeilingClass, CeilingDetails
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import Curve, NullPoint, SteerDetails
 from pipeline.steering.strategies import GLOBAL, PER_CLASS, STRATEGIES
@@ -42,6 +43,14 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class Ceiling:
+    """The `ceiling` stage's outputs as the report reads them."""
+
+    details: CeilingDetails
+    classes: list[CeilingClass]
+
+
+@dataclass(frozen=True)
 class ReportInputs:
     params: Params
     config: ModelConfig
@@ -53,6 +62,7 @@ class ReportInputs:
     headline: list[ClassHeadline]
     head_names: list[str]
     explained: Explanation | None = None
+    ceiling: Ceiling | None = None
 
     def curves(self) -> dict[str, Curve]:
         """The strategies' curves in `steer.strategies` order (the details file sorts its keys)."""
@@ -194,8 +204,8 @@ def featured(headline: list[ClassHeadline], top: int) -> list[ClassHeadline]:
 
 
 def render_report(inputs: ReportInputs) -> str:
-    sections = (_title, _configuration, _model_and_sae, _headline_section, _strategies, _global_null, _interpretation,
-                _beside_paper, _figures)
+    sections = (_title, _configuration, _model_and_sae, _headline_section, _control, _strategies, _global_null,
+                _interpretation, _beside_paper, _figures)
     return "\n".join(line for section in sections for line in section(inputs))
 
 
@@ -256,6 +266,57 @@ def _headline_section(r: ReportInputs) -> list[str]:
     if r.headline and r.steer.per_class_headline is not None:
         return lines + _headline(r.steer, r.headline, r.head_names, r.params.steer.top_classes)
     return lines + [f"({PER_CLASS} is not among `steer.strategies`: no headline.)"]
+
+
+def _share(change: float, ceiling: float) -> str:
+    """A policy's usage change as a share of the ceiling's (when the ceiling lowers usage)."""
+    return f"{100 * change / ceiling:.0f}%" if ceiling < 0 else "n/a (the ceiling does not lower usage)"
+
+
+def _control(r: ReportInputs) -> list[str]:
+    """How much control: the ceiling of class-specific final-block pruning against steering."""
+    if r.ceiling is None:
+        return []
+    ceiling, settings = r.ceiling.details.summary, r.ceiling.details.settings
+    n = len(r.ceiling.classes)
+    acc_ci, usage_ci = ceiling.mean_accuracy_change_ci, ceiling.mean_usage_change_ci
+    has_ci = acc_ci[0] is not None and acc_ci[0] == acc_ci[0]
+    split = "validation" if settings.select_on == "val" else "test"
+    agree = ", ".join(f"{s} {100 * a:.2f}%" for s, a in settings.stored_predictions_agree.items())
+    lines = [
+        "",
+        "## How much control",
+        "",
+        f"The ceiling (stage `ceiling`): per class, every fixed final-block gate pattern ({settings.search} search, at most "
+        f"{settings.patterns_per_class} patterns a class) under the steering headline's rule, chosen on the {split} split and "
+        "reported on test. Steering the decision network's input can only choose gates, so no class-constant steering "
+        "beats it; the share is a policy's mean usage change over the ceiling's. (Patterns ran through the final block's "
+        f"CLS row, exact up to float rounding: its own-gate predictions equal the full model's on {agree} of the images.)",
+        "",
+        "| policy | mean usage change | mean accuracy change (points) | share of the ceiling | classes using fewer heads | classes below the null |",
+        "|---|---|---|---|---|---|",
+        f"| ceiling: a fixed final-block pattern per class | {ceiling.mean_usage_change:+.3f}{_ci(usage_ci) if has_ci else ''} | "
+        f"{100 * ceiling.mean_accuracy_change:+.1f}{_ci_pct(acc_ci, sign=True) if has_ci else ''} | 100% | "
+        f"{ceiling.classes_with_reduction} of {n} | - |",
+    ]
+    rows = [("SAE latents of the true class (oracle)", r.steer.per_class_headline),
+            ("SAE latents of the predicted class (deployable)", r.steer.predicted_class_policy)]
+    for name, policy in rows:
+        if policy is None:
+            continue
+        null = getattr(policy, "null", None)
+        beyond = f"{null.classes_below} of {null.classes}" if null else "-"
+        p_ci = policy.mean_usage_change_ci
+        with_ci = p_ci[0] is not None and p_ci[0] == p_ci[0]
+        lines.append(f"| {name} | {policy.mean_usage_change:+.3f}{_ci(p_ci) if with_ci else ''} | "
+                     f"{100 * policy.mean_accuracy_change:+.1f}{_ci_pct(policy.mean_accuracy_change_ci, sign=True) if with_ci else ''} | "
+                     f"{_share(policy.mean_usage_change, ceiling.mean_usage_change)} | {policy.classes_with_reduction} of {n} | {beyond} |")
+    oracle = r.steer.per_class_headline
+    if oracle is not None:
+        lines += ["", f"Per-class SAE steering reaches {_share(oracle.mean_usage_change, ceiling.mean_usage_change)} of the usage "
+                  "reduction that class-specific final-block pruning reaches on this model."]
+    lines += ["", "![per class: fixed patterns, the frontier, the ceiling's choice and steering](plots/ceiling_frontier.png)"]
+    return lines
 
 
 def _strategies(r: ReportInputs) -> list[str]:

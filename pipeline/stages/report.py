@@ -22,13 +22,17 @@ from pipeline.interpret.cards import (
 )
 from pipeline.interpret.records import StatsRecord, read_stats_record
 from pipeline.interpret.top_sets import read_top_sets
+from pipeline.layout import ceiling as ceiling_files
 from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
 from pipeline.layout import report as files
 from pipeline.model.config import read_model_config
 from pipeline.model.record import read_record
 from pipeline.params.file import Params
 from pipeline.report import plots
-from pipeline.report.render import Explanation, ReportInputs, featured, render_report
+from pipeline.report.render import Ceiling, Explanation, ReportInputs, featured, render_report
+from pipeline.steering.ceiling import read_classes as read_ceiling_classes
+from pipeline.steering.ceiling import read_details as read_ceiling
+from pipeline.steering.ceiling import read_patterns
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import read_details, read_headline, read_results
 from pipeline.steering.strategies import PER_CLASS, STRATEGIES
@@ -54,12 +58,40 @@ def run(params: Params) -> None:
         plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], config.class_names, heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], config.class_names, files.CLASS_USAGE_PNG)
 
+    ceiling = Ceiling(read_ceiling(ceiling_files.DETAILS), read_ceiling_classes(ceiling_files.CLASSES))
+    draw_frontiers(ceiling, read_patterns(ceiling_files.PATTERNS), rows, featured(headline, sp.top_classes))
     explained = explain(params, rows, headline, heads, stats)
     write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
     inputs = ReportInputs(params=params, config=config, finetune=read_record(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
-                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained)
+                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained,
+                          ceiling=ceiling)
     write_text(files.REPORT, render_report(inputs))
     log.info("report in %s", files.REPORT)
+
+
+def draw_frontiers(ceiling: Ceiling, patterns: list[dict], rows: list[dict], classes: list[ClassHeadline]) -> None:
+    """The featured classes' panels: every fixed pattern and the frontier, the ceiling's choice,
+    the model's own gates and per-class steering over alpha (test split)."""
+    chosen = {c.name: c for c in ceiling.classes}
+    panels = []
+    for c in classes:
+        if c.name not in chosen:
+            continue
+        mine = [r for r in patterns if r["split"] == "test" and r["class"] == c.name]
+        front = ceiling.details.frontier.get(c.name, [])
+        steering = sorted((r["alpha"], r["head_usage"], r["accuracy"]) for r in rows
+                          if r["strategy"] == PER_CLASS and r["class"] == c.name and r["draw"] == 0)
+        k = chosen[c.name]
+        panels.append({
+            "name": c.name,
+            "patterns": ([r["usage"] for r in mine], [r["accuracy"] for r in mine]),
+            "frontier": ([f.usage for f in front], [f.test_accuracy for f in front]),
+            "ceiling": ([k.usage], [k.accuracy]),
+            "own": ([k.baseline_usage], [k.baseline_accuracy]),
+            "steering": ([s[1] for s in steering], [s[2] for s in steering]),
+        })
+    plots.frontier_grid(panels, files.FRONTIER, "Per class, test split: fixed final-block patterns (grey), the frontier chosen on the "
+                        "selection split, the ceiling's pattern (star), own gates (black), per-class steering over alpha (green)")
 
 
 def explain(params: Params, rows: list[dict], headline: list[ClassHeadline], heads: list[str], stats: StatsRecord) -> Explanation:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.steering.strategies import PER_CLASS
 from pipeline.steering.uncertainty import class_bootstrap, class_means, interval, pooled
 
 
@@ -143,7 +142,7 @@ def _by_class(rows: list[dict], strategy: str) -> dict[int, dict[float, dict]]:
 
 
 def select_headline(select_rows: list[dict], report_rows: list[dict], n_heads: int, tolerance: float,
-                    strategy: str = PER_CLASS) -> list[ClassHeadline]:
+                    strategy: str) -> list[ClassHeadline]:
     """Per class: the alpha the rule picks on `select_rows`, with its accuracy, usage and kept
     heads on `report_rows` (pass the same rows for both to choose and report on one split)."""
     chosen = _by_class(select_rows, strategy)
