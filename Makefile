@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_flops.py
 	$(BIN)/python bench/bench_head_paths.py
 	$(BIN)/python bench/bench_interpret.py
+	$(BIN)/python bench/bench_ceiling.py
 
 clean-venv:
 	rm -rf $(VENV)

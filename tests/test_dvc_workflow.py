@@ -150,11 +150,12 @@ def test_a_configuration_runs_as_an_experiment_and_a_report_param_reruns_report_
         "metrics/steer.json:usage_drop",
         "metrics/steer.json:acc_change",
         "metrics/steer.json:fewer_heads",
+        "metrics/ceiling.json:ceiling_drop",
     ]:
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
     assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
-    assert len(metrics) == 12, sorted(metrics)  # the 12 above, exactly
+    assert len(metrics) == 13, sorted(metrics)  # the 13 above, exactly
     commit(repo, "alt applied")
 
 
@@ -188,7 +189,7 @@ PLOT_IDS = [
     "metrics/plots/overlap_heatmap.png", "metrics/plots/firing_frequency.png", "metrics/plots/steer_curves.png",
     "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png", "metrics/plots/latent_grid.png",
     "metrics/plots/purity.png", "metrics/plots/class_cards.png", "metrics/plots/attribution_heatmap.png",
-    "metrics/plots/shift_vs_keep.png",
+    "metrics/plots/shift_vs_keep.png", "metrics/plots/ceiling_frontier.png",
 ]
 
 
@@ -388,13 +389,13 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     assert [n for n, c in closures.items() if c & source_files] == ["download"]
     assert [n for n, c in closures.items() if "pipeline/sae/training.py" in c] == ["train_sae"]
     assert "pipeline/model/training.py" not in closures["extract"]
-    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "report"}
+    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "report"}
     # each params section's code is a dependency of exactly the stages that read it
     readers = {name: {n for n, c in closures.items() if f"pipeline/params/{name}.py" in c}
-               for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer")}
+               for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer", "ceiling")}
     assert readers == {"data": {"download", "report"}, "finetune": {"finetune", "report"}, "extract": {"extract", "report"},
                        "sae": {"train_sae", "report"}, "stats": {"latent_stats", "report"},
-                       "interpret": {"interpret", "report"}, "steer": {"steer", "report"}}
+                       "interpret": {"interpret", "report"}, "steer": {"steer", "report"}, "ceiling": {"ceiling", "report"}}
     # the report's code is its own: the sweep does not depend on how its results are written up
     assert [n for n, c in closures.items() if "pipeline/report/render.py" in c] == ["report"]
 

@@ -176,3 +176,18 @@ def test_the_sweep_feeds_the_unsteered_prediction_to_the_predicted_strategy():
     _, predicted_correct, predicted_usage = fast.image_outcomes("per_class_predicted")
     right = predictions == labels
     assert torch.equal(predicted_usage[:, right], oracle_usage[:, right])
+
+
+def test_dose_response_finds_the_largest_reduction_at_no_accuracy_cost_and_the_least_alpha():
+    from pipeline.steering.analysis import dose_response
+    from pipeline.steering.results import Curve
+
+    alphas = [-1.0, 0.0, 1.0, 2.0, 4.0, 8.0]
+    curve = Curve(alpha=alphas, accuracy=[0.9, 0.9, 0.9, 0.9, 0.8, 0.9], head_usage=[0.8, 0.5, 0.4, 0.3, 0.1, 0.3],
+                  accuracy_range=[[a, a] for a in alphas], head_usage_range=[[u, u] for u in alphas])
+    d = dose_response(curve, base_accuracy=0.9, base_usage=0.5, tolerance=0.0)
+    # alpha 4 reaches 0.4 but loses accuracy; 0.2 is reached at +2 and again at +8: the least |alpha| is +2
+    assert (d.usage_reduction, d.alpha) == (pytest.approx(0.2), 2.0)
+    assert d.last_step_usage_change == pytest.approx(0.2)  # 0.3 at +8 against 0.1 at +4
+    loose = dose_response(curve, base_accuracy=0.9, base_usage=0.5, tolerance=0.1)
+    assert (loose.usage_reduction, loose.alpha) == (pytest.approx(0.4), 4.0)

@@ -17,8 +17,11 @@ class SteerParams(Section):
     true class's set, an oracle), `per_class_predicted` (the set of the class the unsteered model
     predicts: deployable), `global` (the global set), `random` / `random_per_class` (random sets
     of the global set's / the class set's size: the nulls). Unknown names: exit 2."""
-    alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
-    """Steering strengths; 0 is the unsteered baseline and is always evaluated."""
+    alphas: list[float] = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    """Steering strengths; 0 is the unsteered baseline and is always evaluated. The default runs
+    far enough that every strategy's usage curve flattens in mode `scale` (a head's logit moves
+    linearly in alpha, so past some alpha every head is kept or dropped by the push's sign alone;
+    below zero, -1 ablates the set)."""
     mode: Literal["scale", "add"] = "scale"
     """`scale`: z_j -> (1 + alpha) z_j; `add`: z_j -> z_j + alpha * (mean active value of j)."""
     keep_error: bool = True

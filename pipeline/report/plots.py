@@ -123,7 +123,8 @@ def steering_curves(
                 ax.plot(curve["alpha"], curve[key], marker=marker, color=colour, label=strategy)
         for ax, label in zip(axes, ("test accuracy", "final-block head usage")):
             ax.axvline(0.0, color="black", linewidth=0.6, linestyle=":")
-            ax.set_xlabel("steering strength alpha")
+            ax.set_xscale("symlog", linthresh=1.0)  # linear within [-1, 1], logarithmic beyond: a grid to +32 reads
+            ax.set_xlabel("steering strength alpha (symlog)")
             ax.set_ylabel(label)
             ax.set_title(f"{label} vs alpha")
             ax.grid(alpha=0.3)

@@ -341,6 +341,23 @@ def _strategies(r: ReportInputs) -> list[str]:
             usage_ci = f" [{curve.head_usage_ci[i][0]:.3f}, {curve.head_usage_ci[i][1]:.3f}]" if with_ci else ""
             gflops = f"{curve.gflops[i]:.4g}" if curve.gflops is not None else "-"
             lines.append(f"| {strategy} | {a:+g} | {100 * acc:.1f}%{acc_ci} | {usage:.3f}{usage_ci} | {gflops} |")
+    return lines + _dose_response(r)
+
+
+def _dose_response(r: ReportInputs) -> list[str]:
+    """Per strategy, how far its curve goes at no accuracy cost (read off the test curves)."""
+    if not r.steer.dose_response:
+        return []
+    tolerance = r.steer.settings.accuracy_tolerance
+    lines = ["", f"Dose-response, read off the test curves above (descriptive: nothing is selected here): the largest usage "
+             f"reduction at an accuracy no lower than the unsteered minus {tolerance}, and the least |alpha| that reaches it.", "",
+             "| strategy | largest usage reduction at no accuracy cost | at alpha | accuracy change (points) | usage change over the grid's last step |",
+             "|---|---|---|---|---|"]
+    for name in r.curves():
+        d = r.steer.dose_response.get(name)
+        if d is not None:
+            lines.append(f"| {name} | {d.usage_reduction:.3f} | {d.alpha:+g} | {100 * d.accuracy_change:+.1f} | "
+                         f"{d.last_step_usage_change:+.3f} |")
     return lines
 
 

@@ -28,6 +28,7 @@ from pipeline.steering.results import (
     Baseline,
     ClassNullSummary,
     Curve,
+    DoseResponse,
     Flops,
     Headline,
     NullCount,
@@ -156,7 +157,21 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
             low, high = (float(v) for v in interval(null_effects, sp.confidence))
             global_null[str(a)] = NullPoint(usage_change=effect, null_low=low, null_high=high, side=side(effect, low, high))
         details.global_null = global_null
+    details.dose_response = {name: dose_response(curve, base_acc, base_usage, sp.accuracy_tolerance) for name, curve in curves.items()}
     return details, headline
+
+
+def dose_response(curve: Curve, base_accuracy: float, base_usage: float, tolerance: float) -> DoseResponse:
+    """The largest usage reduction at no accuracy cost along one curve, and the least |alpha|
+    reaching it (ties: the smaller alpha)."""
+    ok = [i for i, acc in enumerate(curve.accuracy) if acc >= base_accuracy - tolerance - 1e-12]
+    best = max((base_usage - curve.head_usage[i] for i in ok), default=0.0)
+    reach = [i for i in ok if base_usage - curve.head_usage[i] >= best - 1e-12]
+    i = min(reach, key=lambda j: (abs(curve.alpha[j]), curve.alpha[j])) if reach else curve.alpha.index(0.0)
+    top = sorted(range(len(curve.alpha)), key=lambda j: curve.alpha[j])[-2:]
+    last_step = curve.head_usage[top[1]] - curve.head_usage[top[0]] if len(top) == 2 else 0.0
+    return DoseResponse(usage_reduction=max(best, 0.0), alpha=curve.alpha[i], accuracy_change=curve.accuracy[i] - base_accuracy,
+                        last_step_usage_change=last_step)
 
 
 def _pair(bounds: tuple[float, float] | None) -> list[float] | None:

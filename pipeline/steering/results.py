@@ -218,6 +218,20 @@ class NullPoint:
 
 
 @dataclass
+class DoseResponse:
+    """One strategy's curve read off the test split (descriptive: nothing selected): the largest
+    final-block usage reduction whose accuracy is at least the unsteered accuracy minus the
+    tolerance, the smallest |alpha| that reaches it, and how far usage still moves over the
+    grid's last step (near 0: the curve has flattened)."""
+
+    usage_reduction: float
+    alpha: float
+    accuracy_change: float
+    last_step_usage_change: float
+    """Usage at the largest alpha minus usage at the next largest."""
+
+
+@dataclass
 class SteerDetails:
     baseline: Baseline
     strategies: dict[str, Curve]
@@ -226,6 +240,7 @@ class SteerDetails:
     per_class_headline: Headline | None = field(default=None, metadata=OMIT)
     predicted_class_policy: Policy | None = field(default=None, metadata=OMIT)
     global_null: dict[str, NullPoint] | None = field(default=None, metadata=OMIT)
+    dose_response: dict[str, DoseResponse] | None = field(default=None, metadata=OMIT)
 
     def metrics(self) -> dict[str, float | int]:
         """metrics/steer.json: the headline's three scalars (short names keep `dvc exp show`
