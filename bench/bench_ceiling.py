@@ -12,6 +12,13 @@ Also times the whole `ceiling` stage's search on those images. Target: the ceili
 Uses a finished pipeline's artifacts under --root (models/vit, data/dataset), e.g. after `make run`:
 
     .venv/bin/python bench/bench_ceiling.py --root . [--images 1000]
+
+or, for a configuration's shape without its trained weights (the arithmetic does not depend on
+them), `--untrained configs/cifar100-cpu.yaml` times the stage's search itself (every image to
+the final block, then every class x pattern on both splits) on random images, 5,000 + 10,000 by
+default (`--select-images`, `--test-images`), 100 classes:
+
+    .venv/bin/python bench/bench_ceiling.py --untrained configs/cifar100-cpu.yaml
 """
 
 from __future__ import annotations
@@ -24,7 +31,36 @@ import torch
 
 from pipeline.data.dataset import load_images
 from pipeline.model.cls_row import all_patterns, head_terms, pattern_logits
-from pipeline.model.gated_vit import load_gated_vit
+from pipeline.model.gated_vit import build_gated_vit, load_gated_vit, model_config
+from pipeline.params.file import load_params
+from pipeline.steering.ceiling import search_ceiling, split_terms
+
+
+def untrained_search(config_path: Path, n_select: int, n_test: int, n_classes: int, batch_size: int) -> None:
+    """The ceiling stage's search at a configuration's shape, on random images and weights."""
+    mp = load_params(config_path).model
+    torch.manual_seed(0)
+    model = build_gated_vit(mp, num_classes=n_classes).eval()
+    config = model_config(mp, model.vit, n_classes, [f"c{i}" for i in range(n_classes)], 5.0)
+    side = config.shape.img_size
+    g = torch.Generator().manual_seed(0)
+    sets = {name: (torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % n_classes)
+            for name, n in (("val", n_select), ("test", n_test))}
+    cpu = torch.device("cpu")
+    start = time.perf_counter()
+    terms = {name: split_terms(model, config, x, y, batch_size, cpu) for name, (x, y) in sets.items()}
+    to_final = time.perf_counter() - start
+    start = time.perf_counter()
+    found = search_ceiling(model, terms["val"], terms["test"], "val", config.class_names, 0.0, "exhaustive")
+    search = time.perf_counter() - start
+    shape = config.shape
+    print(f"ceiling search at the shape of {config_path} (untrained weights, random images): depth {shape.depth}, width "
+          f"{shape.embed_dim}, {shape.num_heads} heads, {n_classes} classes, {n_select} + {n_test} images x "
+          f"{found.patterns_per_class} patterns")
+    print(f"{'part':<44}{'seconds':>9}")
+    print(f"{'images to the final block, per-head CLS terms':<44}{to_final:>9.2f}")
+    print(f"{'every class x pattern on both splits':<44}{search:>9.2f}")
+    print(f"{'total (target: under 60 s)':<44}{to_final + search:>9.2f}")
 
 
 def main() -> None:
@@ -32,7 +68,14 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--images", type=int, default=1000, help="test images used (first N)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--untrained", type=Path, default=None, help="a params file: time the search at its shape")
+    ap.add_argument("--select-images", type=int, default=5000)
+    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--classes", type=int, default=100)
     args = ap.parse_args()
+    if args.untrained is not None:
+        untrained_search(args.untrained, args.select_images, args.test_images, args.classes, args.batch_size)
+        return
     model, config = load_gated_vit(args.root / "models/vit")
     test = load_images(args.root / "data/dataset/test.parquet")
     images = test.images[: args.images]
