@@ -111,7 +111,7 @@ def test_each_params_change_reruns_only_the_stages_that_read_it(finished, tmp_pa
     # steering, interpretation and the ceiling are independent; the report reads all three
     assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "report"}
     assert change("steer", "accuracy_tolerance", 0.01) == {"steer", "ceiling", "report"}  # the rule both use
-    assert change("ceiling", "seed", 1) == {"ceiling", "report"}
+    assert change("ceiling", "search", "greedy") == {"ceiling", "report"}
     assert change("interpret", "top_n", 5) == {"interpret", "report"}
     # a `data` change reruns download; its output changes, so everything downstream follows
     ran = change("data", "seed", 1)

@@ -124,7 +124,9 @@ def steering_curves(
         for ax, label in zip(axes, ("test accuracy", "final-block head usage")):
             ax.axvline(0.0, color="black", linewidth=0.6, linestyle=":")
             ax.set_xscale("symlog", linthresh=1.0)  # linear within [-1, 1], logarithmic beyond: a grid to +32 reads
-            ax.set_xlabel("steering strength alpha (symlog)")
+            ticks = sorted({a for curve in curves.values() for a in curve["alpha"]})
+            ax.set_xticks(ticks, [f"{a:g}" for a in ticks], fontsize=7)
+            ax.set_xlabel("steering strength alpha (symlog axis)")
             ax.set_ylabel(label)
             ax.set_title(f"{label} vs alpha")
             ax.grid(alpha=0.3)
