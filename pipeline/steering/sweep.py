@@ -9,7 +9,8 @@ with the resulting gates, and the classifier reads its output.
 Fast path: blocks 0..L-2 run once per batch. Every (strategy, alpha, draw) variant then only
 needs the decision network (one small matmul) to get its gates, and the final block's output
 depends on nothing but the tokens and the gate pattern, so the final block runs once per
-distinct (image, gate pattern) pair across all variants, instead of once per variant.
+distinct (image, gate pattern) pair across all variants, instead of once per variant, and then
+only for the CLS row the classifier reads (`pipeline.model.cls_row`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from pipeline.interpret.stats import membership
 from pipeline.interpret.top_sets import TopSets
+from pipeline.model.cls_row import HeadTerms, head_terms, pattern_logits, unsupported
 from pipeline.model.config import ModelConfig
 from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
@@ -93,9 +95,12 @@ def steered_input(x: Tensor, z: Tensor, z_steered: Tensor, sae: SparseAutoencode
     return sae.decode(z_steered)
 
 
-def final_block_outcomes(model: GatedViT, tokens: Tensor, gates: Tensor, chunk: int = 256) -> Tensor:
-    """Predictions for every row of gates (V, B, H), running the final block once per distinct
-    (image, gate pattern) pair. Returns (V, B) predicted classes."""
+def final_block_outcomes(model: GatedViT, tokens: Tensor, gates: Tensor, chunk: int = 256, cls_row: bool = True) -> Tensor:
+    """Predictions for every row of gates (V, B, H), computing the final block once per distinct
+    (image, gate pattern) pair: from its CLS row alone where the model allows it (the classifier
+    reads only that row; `pipeline.model.cls_row`, exact up to float rounding), else through the
+    full block (also with `cls_row=False`, the reference `bench/bench_steer.py` times). Returns (V, B)
+    predicted classes."""
     v, b, h = gates.shape
     codes = (gates.long() * (1 << torch.arange(h, device=gates.device))).sum(-1)  # (V, B)
     # pattern-major keys: sorted, each chunk holds few patterns (large groups for the head-skipping path)
@@ -104,9 +109,14 @@ def final_block_outcomes(model: GatedViT, tokens: Tensor, gates: Tensor, chunk: 
     image_of, code_of = unique % b, unique // b
     pattern = ((code_of[:, None] >> torch.arange(h, device=gates.device)) & 1).to(tokens.dtype)
     preds = torch.empty(len(unique), dtype=torch.long, device=tokens.device)
+    terms = head_terms(model, tokens) if cls_row and unsupported(model) is None else None
     for start in range(0, len(unique), chunk):
         sl = slice(start, start + chunk)
-        preds[sl] = model.forward_final(tokens[image_of[sl]], pattern[sl]).argmax(-1)
+        if terms is not None:
+            rows = HeadTerms(terms.x0[image_of[sl]], terms.terms[image_of[sl]], terms.bias)
+            preds[sl] = pattern_logits(model, rows, pattern[sl, None, :])[:, 0].argmax(-1)
+        else:
+            preds[sl] = model.forward_final(tokens[image_of[sl]], pattern[sl]).argmax(-1)
     return preds[inverse].view(v, b)
 
 
@@ -226,7 +236,7 @@ def run_sweep(
             with torch.no_grad():
                 tokens = model.forward_to_final(x)
                 own_gates = (model.final_gate_logits(tokens[:, 0]) > 0).to(tokens.dtype)
-                batch = SteerBatch(y, model.forward_final(tokens, own_gates).argmax(-1))
+                batch = SteerBatch(y, final_block_outcomes(model, tokens, own_gates[None])[0])  # the variants' own path
             cls_inputs.append(tokens[:, 0].cpu())
             gates, preds = steer_batch(model, sae, sets, tokens, batch, variants, mode, keep_error)
         tally.add_batch(y, batch.predictions)
