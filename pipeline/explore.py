@@ -15,6 +15,7 @@ from pipeline.interpret.records import read_stats_record
 from pipeline.interpret.top_sets import TopSets, read_top_sets
 from pipeline.layout import download, latent_stats, steer
 from pipeline.layout import interpret as files
+from pipeline.model.config import head_names
 from pipeline.report import plots
 from pipeline.steering.results import read_details
 
@@ -40,7 +41,7 @@ def describe_latent(latent: int, out_dir: Path = EXPLORE, images: int = 16, head
     n_latents, n_heads = interp.attribution.shape
     if not 0 <= latent < n_latents:
         raise PipelineError(f"latent {latent} does not exist: the SAE has latents 0..{n_latents - 1}")
-    heads = [f"h{h + head_base}" for h in range(n_heads)]
+    heads = head_names(n_heads, head_base)
     top_sets = _top_sets()
     in_sets = [name for name, members in top_sets.per_class.items() if latent in members]
     lines = [
@@ -73,7 +74,7 @@ def describe_class(name: str, card_latents: int = 3, head_base: int = 0) -> str:
     if name not in classes:
         close = [c for c in classes if name.lower() in c.lower()][:5]
         raise PipelineError(f"no class '{name}' in this run" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    heads = [f"h{h + head_base}" for h in range(interp.attribution.shape[1])]
+    heads = head_names(interp.attribution.shape[1], head_base)
     if not latent_stats.DETAILS.exists():
         raise PipelineError(f"{latent_stats.DETAILS} is missing: run `dvc repro latent_stats` first")
     related = read_stats_record(latent_stats.DETAILS).related.get(name, [])

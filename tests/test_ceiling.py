@@ -112,10 +112,12 @@ def test_the_ceiling_equals_brute_force_through_the_full_final_block(tolerance):
     assert rows[("test", 1, 6)]["accuracy"] == pytest.approx(float(ok_t[yt == 1, 6].double().mean()))
     assert rows[("val", 2, 3)]["heads_kept"] == 2
 
-    summary = summarise(model, found.classes, test, N_CLASSES, "val", ["h0", "h1", "h2", "h3"], 0, 0.95, 0)
+    summary = summarise(found, test, N_CLASSES, "val", ["h0", "h1", "h2", "h3"], 0, 0.95, 0)
     changes = [c.usage - c.baseline_usage for c in found.classes]
     assert summary.mean_usage_change == pytest.approx(sum(changes) / len(changes))
     assert summary.classes_with_reduction == sum(ch < 0 for ch in changes)
+    accuracy_changes = [c.accuracy - c.baseline_accuracy for c in found.classes]
+    assert summary.mean_accuracy_change == pytest.approx(sum(accuracy_changes) / len(accuracy_changes))
 
 
 def test_a_looser_tolerance_never_reaches_less_far():

@@ -19,8 +19,6 @@ from pipeline.interpret.latents import SHIFT_SETS, pearson, spearman
 from pipeline.layout import interpret as files
 from pipeline.storage import rounded
 
-SHIFT_STRATEGIES = SHIFT_SETS
-
 
 @dataclass(frozen=True)
 class Interpretation:
@@ -51,7 +49,7 @@ def load_interpretation() -> Interpretation:
         rows.setdefault(latent, []).append(row)
     n_classes = max(shifts["class_id"], default=-1) + 1
     unit = {}
-    for strategy in SHIFT_STRATEGIES:
+    for strategy in SHIFT_SETS:
         for mode in ("scale", "add"):
             table = np.zeros((n_classes, len(heads)))
             for s, c, h, v in zip(shifts["strategy"], shifts["class_id"], shifts["head"], shifts[f"shift_{mode}"]):
@@ -94,7 +92,7 @@ class ShiftComparison:
     def summary(self) -> dict[str, ShiftAgreement]:
         """Per strategy and over all points (`all`); floats rounded for the files, undefined ones None."""
         out = {}
-        for name in ("all", *SHIFT_STRATEGIES):
+        for name in ("all", *SHIFT_SETS):
             keep = np.ones(len(self.head), bool) if name == "all" else self.strategy == name
             p, m = self.predicted[keep], self.measured[keep]
             moved = m != 0
@@ -114,7 +112,7 @@ def compare_shifts(interp: Interpretation, rows: list[dict], mode: str, n_heads:
     base = {(r["strategy"], r["class_id"]): r for r in rows if r["alpha"] == 0.0 and r["draw"] == 0}
     strategy, head, predicted, measured = [], [], [], []
     for r in rows:
-        if r["strategy"] not in SHIFT_STRATEGIES or r["alpha"] == 0.0 or r["draw"] != 0:
+        if r["strategy"] not in SHIFT_SETS or r["alpha"] == 0.0 or r["draw"] != 0:
             continue
         ref = base.get((r["strategy"], r["class_id"]))
         if ref is None:

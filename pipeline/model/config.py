@@ -56,6 +56,11 @@ class ModelConfig:
         return cls(**fields)
 
 
+def head_names(n_heads: int, base: int = 0) -> list[str]:
+    """Printed head names, h<base> .. h<base + n_heads - 1> (`steer.head_index_base`)."""
+    return [f"h{h + base}" for h in range(n_heads)]
+
+
 def read_model_config(directory: Path | str) -> ModelConfig:
     """The config of a model written by `finetune`, without loading its weights."""
     path = Path(directory) / CONFIG_FILE

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.interpret.cards import SHIFT_STRATEGIES, ClassCard, GlobalSetShift, ShiftAgreement
+from pipeline.interpret.cards import ClassCard, GlobalSetShift, ShiftAgreement
+from pipeline.interpret.latents import SHIFT_SETS
 from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig
 from pipeline.model.record import TrainingRecord
@@ -500,7 +501,7 @@ def _interpretation(r: ReportInputs) -> list[str]:
         "| strategy | points | Pearson | Spearman | points whose keep rate moved | same sign as predicted |",
         "|---|---|---|---|---|---|",
     ]
-    for name in (*SHIFT_STRATEGIES, "all"):
+    for name in (*SHIFT_SETS, "all"):
         row = shifts[name]
         agree = "n/a" if row.sign_agreement is None else f"{100 * row.sign_agreement:.0f}%"
         lines.append(f"| {name} | {row.points} | {_num(row.pearson)} | {_num(row.spearman)} | {row.moved} | {agree} |")

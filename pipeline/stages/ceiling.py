@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import ceiling as files
 from pipeline.layout import download, extract, finetune
 from pipeline.model.cls_row import unsupported
+from pipeline.model.config import head_names
 from pipeline.model.gated_vit import load_gated_vit, resolve_head_path
 from pipeline.params.ceiling import CeilingParams
 from pipeline.runtime import pick_device
@@ -71,8 +72,8 @@ def run(cp: CeilingParams, sp: SteerParams) -> None:
     select, test = loaded[sp.select_on][0], loaded["test"][0]
     model.cpu()
     found = search_ceiling(model, select, test, sp.select_on, config.class_names, sp.accuracy_tolerance, search)
-    heads = [f"h{h + sp.head_index_base}" for h in range(model.num_heads)]
-    summary = summarise(model, found.classes, test, len(config.class_names), sp.select_on, heads, sp.bootstrap, sp.confidence, cp.seed)
+    heads = head_names(model.num_heads, sp.head_index_base)
+    summary = summarise(found, test, len(config.class_names), sp.select_on, heads, sp.bootstrap, sp.confidence, cp.seed)
 
     with atomic_path(files.CEILING, directory=True) as tmp:
         write_patterns(tmp / files.PATTERNS.name, found.rows)

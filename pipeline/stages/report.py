@@ -25,7 +25,7 @@ from pipeline.interpret.top_sets import read_top_sets
 from pipeline.layout import ceiling as ceiling_files
 from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
 from pipeline.layout import report as files
-from pipeline.model.config import read_model_config
+from pipeline.model.config import head_names, read_model_config
 from pipeline.model.record import read_record
 from pipeline.params.file import Params
 from pipeline.report import plots
@@ -47,24 +47,23 @@ def run(params: Params) -> None:
     config = read_model_config(finetune.MODEL)
     details, headline = read_details(steer.DETAILS), read_headline(steer.HEADLINE)
     rows = read_results(steer.RESULTS, split="test")
-    heads = [f"h{h + sp.head_index_base}" for h in range(config.shape.num_heads)]
+    heads = head_names(config.shape.num_heads, sp.head_index_base)
     stats = read_stats_record(latent_stats.DETAILS)
+    ceiling = Ceiling(read_ceiling(ceiling_files.DETAILS), read_ceiling_classes(ceiling_files.CLASSES))
+    explained = explain(params, rows, headline, heads, stats)
+    inputs = ReportInputs(params=params, config=config, finetune=read_record(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
+                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained,
+                          ceiling=ceiling)
 
-    curves = {s: details.strategies[s] for s in sp.strategies if s in details.strategies}
+    curves = inputs.curves()
     plots.steering_curves({name: to_json_value(c) for name, c in curves.items()},
                           {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}, files.CURVES_PNG)
     if headline:
         baseline_keep = [[r[f"keep_h{h}"] for h in range(len(heads))] for r in rows if r["strategy"] == PER_CLASS and r["alpha"] == 0.0]
         plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], config.class_names, heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], config.class_names, files.CLASS_USAGE_PNG)
-
-    ceiling = Ceiling(read_ceiling(ceiling_files.DETAILS), read_ceiling_classes(ceiling_files.CLASSES))
     draw_frontiers(ceiling, read_patterns(ceiling_files.PATTERNS), rows, featured(headline, sp.top_classes))
-    explained = explain(params, rows, headline, heads, stats)
     write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
-    inputs = ReportInputs(params=params, config=config, finetune=read_record(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
-                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained,
-                          ceiling=ceiling)
     write_text(files.REPORT, render_report(inputs))
     log.info("report in %s", files.REPORT)
 

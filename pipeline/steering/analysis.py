@@ -8,15 +8,14 @@ random-set nulls per class and for the global set. Pure functions of the tallies
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from pipeline.model.config import head_names
 from pipeline.model.flops import FlopModel
 from pipeline.params.steer import SteerParams
 from pipeline.steering.headline import (
     ClassHeadline,
-    PolicyResult,
     choose_per_group,
     class_null,
     curve_intervals,
@@ -41,22 +40,6 @@ from pipeline.steering.results import (
 from pipeline.steering.strategies import GLOBAL, PER_CLASS, PER_CLASS_PREDICTED, STRATEGIES
 from pipeline.steering.sweep import Tally, Variant, overall, strategy_curves
 from pipeline.steering.uncertainty import interval, side
-
-
-def policy_summary(result: PolicyResult, alphas_by_class: dict[str, float]) -> Policy:
-    return Policy(**_policy_fields(result, alphas_by_class))
-
-
-def _policy_fields(result: PolicyResult, alphas_by_class: dict[str, float]) -> dict[str, Any]:
-    return {
-        "mean_usage_change": result.mean_usage_change,
-        "mean_usage_change_ci": list(result.mean_usage_change_ci),
-        "mean_accuracy_change": result.mean_accuracy_change,
-        "mean_accuracy_change_ci": list(result.mean_accuracy_change_ci),
-        "classes_with_reduction": int((result.usage_change < 0).sum()),
-        "classes_with_reduction_ci_below_zero": int((result.usage_change_ci[1] < 0).sum()),
-        "alpha": alphas_by_class,
-    }
 
 
 @dataclass(frozen=True)
@@ -88,7 +71,7 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
     gflops = lambda final_usage: flops.from_usage([*usage_per_block[:-1], final_usage]) / 1e9  # noqa: E731
     for curve in curves.values():
         curve.gflops = [gflops(u) for u in curve.head_usage]
-    head_name = lambda h: f"h{h + sp.head_index_base}"  # noqa: E731
+    names = head_names(n_heads, sp.head_index_base)
     details = SteerDetails(
         baseline=Baseline(accuracy=base_acc, head_usage=base_usage),
         strategies=curves,
@@ -118,17 +101,16 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
             if c.class_id in nulls:
                 effect, low, high = nulls[c.class_id][c.alpha]
                 c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
-        mean_change = _policy_fields(oracle, {})["mean_usage_change"]
         details.per_class_headline = Headline(
-            **_policy_fields(oracle, {c.name: c.alpha for c in headline}),
+            **Headline.fields_of(oracle), alpha={c.name: c.alpha for c in headline},
             usage_change={c.name: c.usage - c.baseline_usage for c in headline},
-            mean_gflops_change=gflops(base_usage + mean_change) - gflops(base_usage),
+            mean_gflops_change=gflops(base_usage + oracle.mean_usage_change) - gflops(base_usage),
             mean_usage_reduction=sum(c.usage_reduction for c in headline) / len(headline),
             selected_on=sp.select_on,
             alpha_counts=AlphaCounts(negative=sum(c.alpha < 0 for c in headline), zero=sum(c.alpha == 0 for c in headline),
                                      positive=sum(c.alpha > 0 for c in headline)),
             top=[TopClass(name=c.name, alpha=c.alpha, baseline_accuracy=c.baseline_accuracy, baseline_usage=c.baseline_usage,
-                          accuracy=c.accuracy, usage=c.usage, heads=[head_name(h) for h in c.heads],
+                          accuracy=c.accuracy, usage=c.usage, heads=[names[h] for h in c.heads],
                           usage_change_ci=_pair(c.usage_change_ci), accuracy_change_ci=_pair(c.accuracy_change_ci),
                           beyond_null=c.beyond_null)
                  for c in sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]],
@@ -146,7 +128,8 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
             p_alphas, p_correct, p_usage = test.image_outcomes(PER_CLASS_PREDICTED)
             predicted = evaluate_policy(p_correct, p_usage, by_prediction[test.all_base_predictions], labels, n_classes,
                                         p_alphas, sp.bootstrap, sp.confidence, sp.seed)
-            details.predicted_class_policy = policy_summary(predicted, {name: p_alphas[int(i)] for name, i in zip(class_names, by_prediction)})
+            details.predicted_class_policy = Policy(**Policy.fields_of(predicted),
+                                                    alpha={name: p_alphas[int(i)] for name, i in zip(class_names, by_prediction)})
     null_name = STRATEGIES[GLOBAL].null
     if GLOBAL in sp.strategies and null_name in sp.strategies:
         global_null = {}

@@ -26,7 +26,7 @@ from pipeline.model.cls_row import HeadTerms, all_patterns, head_terms, pattern_
 from pipeline.model.config import ModelConfig
 from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
-from pipeline.steering.headline import evaluate_policy
+from pipeline.steering.headline import PolicyEffect, evaluate_policy
 from pipeline.storage import read_dataclass, read_table, write_dataclass, write_parquet
 
 OWN = -1
@@ -163,15 +163,9 @@ class FrontierPoint:
 
 
 @dataclass
-class CeilingSummary:
+class CeilingSummary(PolicyEffect):
     """The ceiling over classes (equal weights), changes against the model's own gates on test."""
 
-    mean_usage_change: float
-    mean_usage_change_ci: list[float | None]
-    mean_accuracy_change: float
-    mean_accuracy_change_ci: list[float | None]
-    classes_with_reduction: int
-    classes_with_reduction_ci_below_zero: int
     selected_on: str
     heads: dict[str, list[str]]
     """Class name -> the chosen pattern's kept heads (printed names); absent classes keep own gates."""
@@ -217,36 +211,22 @@ def pareto(usage: Tensor, accuracy: Tensor) -> list[int]:
     return front
 
 
-def summarise(model: GatedViT, classes: list[CeilingClass], test: SplitTerms, n_classes: int, selected_on: str,
-              head_names: list[str], resamples: int, confidence: float, seed: int) -> CeilingSummary:
+def summarise(found: Search, test: SplitTerms, n_classes: int, selected_on: str, head_names: list[str],
+              resamples: int, confidence: float, seed: int) -> CeilingSummary:
     """Intervals by bootstrapping the test images within each class (as steer's headline)."""
-    chosen = {c.class_id: c for c in classes}
     # per image: row 0 the model's own gates, row 1 its class's chosen pattern
-    pattern_of = {c.class_id: c.pattern for c in classes}
-    correct = torch.stack([test.own_correct, test.own_correct.clone()]).double()
-    usage = torch.stack([test.own_gates.mean(1), test.own_gates.mean(1).clone()]).double()
-    for class_id, code in pattern_of.items():
-        if code == OWN:
-            continue
-        members = (test.labels == class_id).nonzero().flatten()
-        pattern = ((torch.tensor(code) >> torch.arange(test.own_gates.shape[1])) & 1).float()[None]
-        correct[1, members] = correct_under(model, test.rows(members), test.labels[members], pattern)[:, 0].double()
-        usage[1, members] = float(pattern.mean())
+    correct = torch.stack([test.own_correct, found.test_correct]).double()
+    usage = torch.stack([test.own_gates.mean(1), found.test_usage]).double()
     result = evaluate_policy(correct, usage, torch.ones(len(test.labels), dtype=torch.long), test.labels, n_classes,
                              [0.0, 1.0], resamples, confidence, seed)
     if resamples:
-        for class_id, c in chosen.items():
-            c.accuracy_change_ci = (float(result.accuracy_change_ci[0][class_id]), float(result.accuracy_change_ci[1][class_id]))
-            c.usage_change_ci = (float(result.usage_change_ci[0][class_id]), float(result.usage_change_ci[1][class_id]))
-    summary = CeilingSummary(
-        mean_usage_change=result.mean_usage_change, mean_usage_change_ci=list(result.mean_usage_change_ci),
-        mean_accuracy_change=result.mean_accuracy_change, mean_accuracy_change_ci=list(result.mean_accuracy_change_ci),
-        classes_with_reduction=int((result.usage_change < 0).sum()),
-        classes_with_reduction_ci_below_zero=int((result.usage_change_ci[1] < 0).sum()),
-        selected_on=selected_on,
-        heads={c.name: [head_names[h] for h in c.heads] for c in classes if c.pattern != OWN},
+        for c in found.classes:
+            c.accuracy_change_ci = (float(result.accuracy_change_ci[0][c.class_id]), float(result.accuracy_change_ci[1][c.class_id]))
+            c.usage_change_ci = (float(result.usage_change_ci[0][c.class_id]), float(result.usage_change_ci[1][c.class_id]))
+    return CeilingSummary(
+        **CeilingSummary.fields_of(result), selected_on=selected_on,
+        heads={c.name: [head_names[h] for h in c.heads] for c in found.classes if c.pattern != OWN},
     )
-    return summary
 
 
 @dataclass
@@ -258,6 +238,10 @@ class Search:
     rows: list[dict]
     """data/ceiling/patterns.parquet: one row per (split, class, pattern)."""
     patterns_per_class: int
+    test_correct: Tensor
+    """(N,) bool per test image: right under its class's chosen pattern (own gates where none was chosen)."""
+    test_usage: Tensor
+    """(N,) per test image: the final-block usage of that choice."""
 
 
 def search_ceiling(model: GatedViT, select: SplitTerms, test: SplitTerms, select_on: str, class_names: list[str],
@@ -267,6 +251,7 @@ def search_ceiling(model: GatedViT, select: SplitTerms, test: SplitTerms, select
     n_heads = select.own_gates.shape[1]
     exhaustive = all_patterns(n_heads) if search == "exhaustive" else None
     classes, frontier, rows, most = [], {}, [], 0
+    test_correct, test_usage = test.own_correct.clone(), test.own_gates.mean(1)
     for class_id, name in enumerate(progress(class_names, desc="ceiling", unit="class")):
         sel_rows = (select.labels == class_id).nonzero().flatten()
         test_rows = (test.labels == class_id).nonzero().flatten()
@@ -278,8 +263,11 @@ def search_ceiling(model: GatedViT, select: SplitTerms, test: SplitTerms, select
         patterns = exhaustive if exhaustive is not None else greedy_patterns(model, sel_terms, sel_labels, base_acc, tolerance)
         codes, usage = pattern_codes(patterns), patterns.mean(1).double()
         sel_acc = correct_under(model, sel_terms, sel_labels, patterns).double().mean(0)
-        test_acc = correct_under(model, test.rows(test_rows), test.labels[test_rows], patterns).double().mean(0)
+        test_ok = correct_under(model, test.rows(test_rows), test.labels[test_rows], patterns)
+        test_acc = test_ok.double().mean(0)
         index, code = choose_pattern(sel_acc, usage, codes, base_acc, base_usage, tolerance)
+        if index >= 0:
+            test_correct[test_rows], test_usage[test_rows] = test_ok[:, index], float(usage[index])
         own_test_acc = float(test.own_correct[test_rows].double().mean())
         own_test_usage = float(test.own_gates[test_rows].mean())
         classes.append(CeilingClass(
@@ -298,7 +286,7 @@ def search_ceiling(model: GatedViT, select: SplitTerms, test: SplitTerms, select
                       "usage": float(u), "n": n, "accuracy": float(a)}
                      for c, k, u, a in zip(codes.tolist(), patterns.sum(1).tolist(), usage.tolist(), accuracy.tolist())]
         most = max(most, len(patterns))
-    return Search(classes, frontier, rows, most)
+    return Search(classes, frontier, rows, most, test_correct, test_usage)
 
 
 PATTERNS_SCHEMA = pa.schema([

@@ -67,6 +67,31 @@ class PolicyResult:
     mean_usage_change_ci: tuple[float, float]
 
 
+@dataclass
+class PolicyEffect:
+    """A policy's effect as the details files store it: mean changes over classes with their
+    intervals, and how many classes use fewer heads (all, and with the interval below zero)."""
+
+    mean_usage_change: float
+    mean_usage_change_ci: list[float | None]
+    mean_accuracy_change: float
+    mean_accuracy_change_ci: list[float | None]
+    classes_with_reduction: int
+    classes_with_reduction_ci_below_zero: int
+
+    @classmethod
+    def fields_of(cls, result: PolicyResult) -> dict[str, float | int | list[float | None]]:
+        """This class's fields from a `PolicyResult`, for it or a subclass to be built from."""
+        return {
+            "mean_usage_change": result.mean_usage_change,
+            "mean_usage_change_ci": list(result.mean_usage_change_ci),
+            "mean_accuracy_change": result.mean_accuracy_change,
+            "mean_accuracy_change_ci": list(result.mean_accuracy_change_ci),
+            "classes_with_reduction": int((result.usage_change < 0).sum()),
+            "classes_with_reduction_ci_below_zero": int((result.usage_change_ci[1] < 0).sum()),
+        }
+
+
 def evaluate_policy(correct: Tensor, usage: Tensor, choice: Tensor, labels: Tensor, n_classes: int, alphas: list[float],
                     resamples: int, confidence: float, seed: int) -> PolicyResult:
     """Apply a per-image alpha choice (N,) to the report split's outcomes (A, N)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
-from pipeline.steering.headline import ClassHeadline
+from pipeline.steering.headline import ClassHeadline, PolicyEffect
 from pipeline.storage import read_dataclass, read_table, rounded, write_dataclass, write_parquet
 
 OMIT = {"omit_none": True}
@@ -143,15 +143,9 @@ class Settings:
 
 
 @dataclass
-class Policy:
+class Policy(PolicyEffect):
     """A policy of choosing a set and an alpha per image, evaluated on the test split."""
 
-    mean_usage_change: float
-    mean_usage_change_ci: list[float | None]
-    mean_accuracy_change: float
-    mean_accuracy_change_ci: list[float | None]
-    classes_with_reduction: int
-    classes_with_reduction_ci_below_zero: int
     alpha: dict[str, float]
     """Class name -> the alpha the policy uses for it."""
 
