@@ -213,7 +213,7 @@ def ceiling(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
 
 @app.command()
 def report(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
-    """Write metrics/report.md and its figures from the outputs of `steer` and `interpret`."""
+    """Write metrics/report.md and its figures from the outputs of `steer`, `ceiling` and `interpret`."""
     _run_stage("report", params, debug)
 
 
