@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.steering.sweep import steering_mask
+from pipeline.steering.strategies import STRATEGIES
+from pipeline.steering.sweep import steering_direction, steering_mask
 
 
 def steer_codes(z: Tensor, mask: Tensor, alpha: float, mode: str, mean_active: Tensor) -> Tensor:
@@ -26,8 +27,16 @@ def steer_batch_naive(model, sae, sets, images: Tensor, batch, variants, mode: s
         tokens = model.forward_to_final(images)
         x = tokens[:, 0]
         z = sae.encode(x)
-        z_steered = steer_codes(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
-        x_steered = x + (sae.decode(z_steered) - sae.decode(z)) if keep_error else sae.decode(z_steered)
+        if STRATEGIES[variant.strategy].is_control:
+            # docs/METHOD.md, section 6: the true class's set steered, only for its norm; the
+            # control moves x by that norm along its own direction, signed as alpha
+            z_class = steer_codes(z, sets.per_class[batch.labels], variant.alpha, mode, sets.mean_active)
+            norm = torch.linalg.vector_norm(sae.decode(z_class) - sae.decode(z), dim=1, keepdim=True)
+            sign = 1.0 if variant.alpha > 0 else -1.0 if variant.alpha < 0 else 0.0
+            x_steered = x + sign * norm * steering_direction(sets, variant, batch)
+        else:
+            z_steered = steer_codes(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
+            x_steered = x + (sae.decode(z_steered) - sae.decode(z)) if keep_error else sae.decode(z_steered)
         g = (model.final_gate_logits(x_steered) > 0).to(tokens.dtype)
         gates.append(g)
         preds.append(model.forward_final(tokens, g).argmax(-1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.steering.headline import choose_per_group, class_null, evaluate_policy, follow, select_headline
-from pipeline.steering.strategies import PER_CLASS, LatentSets, SteerBatch, per_class_mask, per_class_predicted_mask
+from pipeline.steering.strategies import PER_CLASS, SteerBatch, SteeringSets, per_class_mask, per_class_predicted_mask
 from pipeline.steering.uncertainty import class_bootstrap, class_means, interval, pooled, side
 
 
@@ -130,12 +130,12 @@ def test_class_null_compares_a_class_set_with_its_own_random_draws():
 
 
 # ------------------------------------------------------------------ the predicted-class strategy
-def _sets(n_classes: int = 3, n_latents: int = 6) -> LatentSets:
+def _sets(n_classes: int = 3, n_latents: int = 6) -> SteeringSets:
     per_class = torch.zeros(n_classes, n_latents, dtype=torch.bool)
     for c in range(n_classes):
         per_class[c, 2 * c : 2 * c + 2] = True
     none = torch.zeros(1, n_latents, dtype=torch.bool)
-    return LatentSets(per_class, per_class[0], none, none[None].expand(1, n_classes, -1), torch.ones(n_latents))
+    return SteeringSets(per_class, per_class[0], none, none[None].expand(1, n_classes, -1), torch.ones(n_latents))
 
 
 def test_the_predicted_class_strategy_equals_the_oracle_when_the_model_is_always_right():

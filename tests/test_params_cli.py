@@ -82,7 +82,7 @@ def test_every_command_refuses_an_unregistered_strategy_with_exit_2(in_tmp, tiny
     Path("bad.yaml").write_text(yaml.safe_dump(tiny_params_dict(steer={"strategies": ["global", "oracle"]})))
     result = runner.invoke(app, [command, "--params", "bad.yaml"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "steer.strategies.1 = 'oracle': unknown strategy (known: per_class, per_class_predicted, global, random, random_per_class)" in result.output
+    assert "steer.strategies.1 = 'oracle': unknown strategy (known: per_class, per_class_predicted, global, random, random_per_class, random_direction, class_direction, gate_direction)" in result.output
     assert sorted(p.name for p in in_tmp.iterdir()) == ["bad.yaml"]  # nothing written
 
 

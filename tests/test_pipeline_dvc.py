@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.steering.strategies import STRATEGIES
+
 from conftest import TINY_PARAMS, dvc_env
 from dvc_project import new_project, ran_stages, sh
 
@@ -40,12 +42,34 @@ def test_the_first_repro_runs_every_stage_and_writes_the_report(finished):
     assert "## What the latents mean" in report and "### Class cards" in report
     assert "## Why steering moves the heads it moves" in report
     steer = json.loads((repo / "metrics/details/steer.json").read_text())
-    assert set(steer["strategies"]) == {"per_class", "per_class_predicted", "global", "random", "random_per_class"}
+    assert set(steer["strategies"]) == set(STRATEGIES)
+    assert set(steer["controls"]) == {name for name, s in STRATEGIES.items() if s.is_control}
+    assert len(steer["controls"]["random_direction"]["draws"]["usage_change"]) == TINY_PARAMS["steer"]["null_draws"]
+    assert "| control: the class's mean embedding direction (no SAE) |" in report
     assert steer["settings"]["select_on"] == "val" and steer["settings"]["images"] == {"val": 16, "test": 32}
     assert steer["settings"]["model_sha256"] == hashlib.sha256((repo / "models/vit/model.safetensors").read_bytes()).hexdigest()
     assert (repo / "data/dataset/val.parquet").exists() and (repo / "data/embeddings/val.parquet").exists()
     headline = pq.read_table(repo / "data/steer/headline.parquet").to_pydict()
     assert headline["alpha"] == [steer["per_class_headline"]["alpha"][c] for c in headline["class"]]
+
+
+@pytest.mark.slow
+def test_the_class_directions_come_from_the_training_split_alone(finished):
+    import torch
+
+    from pipeline.data.embeddings import read_embeddings
+    from pipeline.steering.controls import class_mean_directions, read_directions
+
+    repo, _ = finished
+    stored = read_directions(repo / "data/steer/directions.safetensors")
+    n_classes = stored.class_mean.shape[0]
+    per_split = {split: read_embeddings(repo / f"data/embeddings/{split}.parquet") for split in ("train", "val", "test")}
+    directions = {split: class_mean_directions(t.x, t.labels, n_classes) for split, t in per_split.items()}
+    assert torch.allclose(stored.class_mean, directions["train"], atol=1e-6)
+    assert not torch.allclose(stored.class_mean, directions["test"], atol=1e-3)
+    assert not torch.allclose(stored.class_mean, directions["val"], atol=1e-3)
+    all_images = torch.cat([t.x for t in per_split.values()]), torch.cat([t.labels for t in per_split.values()])
+    assert not torch.allclose(stored.class_mean, class_mean_directions(*all_images, n_classes), atol=1e-3)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig, ModelShape
 from pipeline.model.record import TrainingRecord
-from pipeline.report.render import ReportInputs, render_report
+from pipeline.report.render import Ceiling, ReportInputs, render_report
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import SteerDetails
 from pipeline.storage import from_json_value
@@ -99,3 +99,45 @@ def test_a_run_at_the_papers_scale_on_real_data_says_its_numbers_are_comparable(
     params = tiny_params(data={"source": "imagefolder", "path": "somewhere"}, steer={"strategies": ["global"]})
     report = render(params, steer_metrics(["global"], False), [], model=config(embed_dim=384, depth=12))
     assert "This run has the paper's architecture" in report and "smaller than the paper's" not in report
+
+
+def _ceiling() -> Ceiling:
+    from pipeline.steering.ceiling import CeilingClass, CeilingDetails, CeilingSettings, CeilingSummary
+
+    summary = CeilingSummary(mean_usage_change=-0.4, mean_usage_change_ci=[-0.42, -0.38], mean_accuracy_change=0.0,
+                             mean_accuracy_change_ci=[-0.01, 0.01], classes_with_reduction=3, classes_with_reduction_ci_below_zero=3,
+                             selected_on="val", heads={})
+    settings = CeilingSettings(search="exhaustive", patterns_per_class=64, accuracy_tolerance=0.0, select_on="val", bootstrap=1000,
+                               confidence=0.95, images={"val": 150, "test": 300}, stored_predictions_agree={"test": 1.0})
+    classes = [CeilingClass(c, name, 0, [], 0.4, 0.4, 0.5, 0.4, 0.1) for c, name in enumerate(["apple", "bowl", "plate"])]
+    return Ceiling(details=CeilingDetails(summary=summary, settings=settings, baseline={}), classes=classes)
+
+
+def _control(usage: float, ci: list[float], below: int) -> dict:
+    return {"mean_usage_change": usage, "mean_usage_change_ci": ci, "mean_accuracy_change": 0.0, "mean_accuracy_change_ci": [-0.01, 0.01],
+            "classes_with_reduction": 2, "classes_with_reduction_ci_below_zero": 1, "alpha": {}, "selected_on": "val",
+            "null": {"classes_below": below, "classes_above": 0, "classes": 3, "per_alpha": {}}}
+
+
+def test_how_much_control_lists_every_control_with_its_share_of_the_ceiling_and_says_which_wins(tiny_params):
+    def page(class_usage: float, class_ci: list[float]) -> str:
+        steer = steer_metrics(["per_class", "random_direction", "class_direction", "gate_direction"], with_headline=True)
+        steer["controls"] = {"random_direction": {**_control(-0.01, [-0.03, 0.01], 0), "null": None,
+                                                  "draws": {"usage_change": [-0.01, -0.07, -0.1, -0.02], "accuracy_change": [0.0, -0.01, 0.0, 0.01]}},
+                             "class_direction": _control(class_usage, class_ci, 2),
+                             "gate_direction": _control(-0.3, [-0.32, -0.28], 3)}
+        return render_report(ReportInputs(params=tiny_params(), config=config(), finetune=from_json_value(TrainingRecord, FINETUNE),
+                                          sae=SAE, stats=STATS, steer=from_json_value(SteerDetails, steer),
+                                          headline=[headline(0, "bowl", (0.8, 0.7), (0.8, 0.5), [1], 4.0)], head_names=HEADS,
+                                          ceiling=_ceiling()))
+
+    text = page(-0.02, [-0.03, -0.01])  # the SAE's -0.054 [-0.07, -0.04] lies below the class direction's interval
+    assert "| SAE latents of the true class (oracle) | -0.054 [-0.070, -0.040] | +0.5 [-1.0, +2.0] | 14% | 2 of 3 | 1 of 3 |" in text
+    assert "| control: the class's mean embedding direction (no SAE) | -0.020 [-0.030, -0.010] | +0.0 [-1.0, +1.0] | 5% | 2 of 3 | 2 of 3 |" in text
+    assert "| control: the gate-closing direction (closes heads fastest) | -0.300 [-0.320, -0.280] | +0.0 [-1.0, +1.0] | 75% |" in text
+    assert ("| control: a random direction per class (the controls' null) | -0.050 (draws -0.100 to -0.010) | +0.0 (draws -1.0 to +1.0) "
+            "| 12% | 2 of 3 (draw 0) | - |") in text
+    assert "Of 4 random directions of the same norm, each selected per class alike, 2 lower usage more than the SAE latents (-0.054" in text
+    assert "the SAE's class latents give control beyond the class's mean direction" in text
+    assert "contrary to the paper's story" in page(-0.2, [-0.25, -0.15])
+    assert "the intervals overlap: at this size the two cannot be told apart" in page(-0.05, [-0.08, -0.02])

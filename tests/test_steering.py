@@ -8,8 +8,9 @@ from pipeline.interpret.stats import membership
 from pipeline.model.gated_vit import build_gated_vit, model_config
 from pipeline.params.model import ModelParams
 from pipeline.sae.topk import TopKSAE
+from pipeline.steering.controls import control_directions
 from pipeline.steering.headline import select_headline
-from pipeline.steering.strategies import PER_CLASS, LatentSets, SteerBatch
+from pipeline.steering.strategies import PER_CLASS, STRATEGIES, SteerBatch, SteeringSets
 from pipeline.steering.sweep import (
     Tally,
     Variant,
@@ -44,12 +45,14 @@ def setup(seed: int = 0):
     for c in range(N_CLASSES):
         per_class[c, torch.randperm(N_LATENTS, generator=gen)[:10]] = True
     alive = torch.ones(N_LATENTS, dtype=torch.bool)
-    sets = LatentSets(
+    sets = SteeringSets(
         per_class=per_class,
         global_set=per_class[0].clone(),
         random=random_sets(alive, 10, 2, seed=0),
         random_per_class=random_class_sets(alive, [10] * N_CLASSES, 2, seed=0),
         mean_active=torch.rand(N_LATENTS, generator=gen) + 0.5,
+        directions=control_directions(torch.randn(60, 24, generator=gen), torch.arange(60) % N_CLASSES, N_CLASSES,
+                                      model.decision_net(model.depth - 1).weight, draws=2, seed=0),
     )
     return model, sae, config, images, labels, sets
 
@@ -65,7 +68,7 @@ def test_alpha_zero_and_empty_set_reproduce_the_unsteered_model():
     with torch.no_grad():
         plain = model(x)
         tokens = model.forward_to_final(x)
-    empty = LatentSets(torch.zeros_like(sets.per_class), torch.zeros_like(sets.global_set), torch.zeros_like(sets.random),
+    empty = SteeringSets(torch.zeros_like(sets.per_class), torch.zeros_like(sets.global_set), torch.zeros_like(sets.random),
                        torch.zeros_like(sets.random_per_class), sets.mean_active)
     batch = SteerBatch(labels, plain.logits.argmax(-1))
     for mode in ("scale", "add"):
@@ -81,7 +84,7 @@ def test_alpha_zero_and_empty_set_reproduce_the_unsteered_model():
 def test_fast_path_equals_naive_full_model_path():
     model, sae, config, images, labels, sets = setup()
     x = normalised(model, config, images)
-    variants = variants_for(["per_class", "per_class_predicted", "global", "random", "random_per_class"], [-1.0, 0.5, 4.0], draws=2)
+    variants = variants_for(list(STRATEGIES), [-1.0, 0.5, 4.0], draws=2)  # latent strategies and controls
     with torch.no_grad():
         batch = SteerBatch(labels, model(x).logits.argmax(-1))
     for mode, keep_error in (("scale", True), ("add", False)):
@@ -136,7 +139,7 @@ def test_suppressing_class_latents_raises_usage_when_the_decision_net_says_so():
         per_class = torch.zeros(N_CLASSES, N_LATENTS, dtype=torch.bool)
         for c in range(N_CLASSES):
             per_class[c, freq[c].topk(6).indices] = True
-        sets = LatentSets(per_class, per_class[0], sets.random, sets.random_per_class, sets.mean_active)
+        sets = SteeringSets(per_class, per_class[0], sets.random, sets.random_per_class, sets.mean_active)
         u = (sae.W_dec[:, per_class.any(0)]).sum(1)
         u = u / u.norm()
         net = model.decision[-1]
@@ -262,7 +265,7 @@ def test_an_unknown_strategy_is_a_params_error_naming_it():
 
     from pipeline.errors import ParamsError
 
-    with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, per_class_predicted, global, random, random_per_class\)"):
+    with pytest.raises(ParamsError, match=r"steer.strategies.1 = 'oracle': unknown strategy \(known: per_class, per_class_predicted, global, random, random_per_class, random_direction, class_direction, gate_direction\)"):
         variants_for(["global", "oracle"], [1.0], 1)
 
 

@@ -9,6 +9,8 @@ RESULTS = RESULTS_DIR / "results.parquet"
 """One row per (split, strategy, alpha, draw, class): accuracy, head usage, keep rate per head."""
 HEADLINE = RESULTS_DIR / "headline.parquet"
 """One row per class: the alpha chosen on the selection split and its test-split outcome."""
+DIRECTIONS = RESULTS_DIR / "directions.safetensors"
+"""The controls' unit directions (`pipeline.steering.controls.write_directions`)."""
 METRICS = Path("metrics/steer.json")
 """Headline numbers only: the per-class steering headline (mean usage reduction, mean accuracy
 change, classes that use fewer heads)."""

@@ -12,11 +12,17 @@ from pipeline.params.base import Device, HeadPath, Section
 class SteerParams(Section):
     """`steer`: amplify latent sets and measure accuracy and final-block head usage."""
 
-    strategies: list[str] = ["per_class", "per_class_predicted", "global", "random", "random_per_class"]
-    """Which latent sets to steer, by name in `pipeline.strategies.STRATEGIES`: `per_class` (the
-    true class's set, an oracle), `per_class_predicted` (the set of the class the unsteered model
-    predicts: deployable), `global` (the global set), `random` / `random_per_class` (random sets
-    of the global set's / the class set's size: the nulls). Unknown names: exit 2."""
+    strategies: list[str] = ["per_class", "per_class_predicted", "global", "random", "random_per_class",
+                             "random_direction", "class_direction", "gate_direction"]
+    """What to steer, by name in `pipeline.steering.strategies.STRATEGIES`. Latent sets:
+    `per_class` (the true class's set, an oracle), `per_class_predicted` (the set of the class the
+    unsteered model predicts: deployable), `global` (the global set), `random` /
+    `random_per_class` (random sets of the global set's / the class set's size: the nulls).
+    Controls, each moving the decision input by the norm of the `per_class` steer's change for
+    that image and alpha (docs/METHOD.md, section 6): `random_direction` (a seeded random
+    direction per class: the controls' null), `class_direction` (the true class's mean training
+    embedding minus the mean: no SAE), `gate_direction` (the direction that lowers the final
+    block's gate logits fastest: an upper reference). Unknown names: exit 2."""
     alphas: list[float] = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     """Steering strengths; 0 is the unsteered baseline and is always evaluated. The default runs
     far enough that every strategy's usage curve flattens in mode `scale` (a head's logit moves
@@ -27,8 +33,8 @@ class SteerParams(Section):
     keep_error: bool = True
     """True: x' = x + W_dec (z' - z) keeps the SAE's reconstruction error; false: x' = dec(z')."""
     null_draws: Annotated[int, Field(ge=1)] = 20
-    """Seeded random latent sets per random strategy: the null distribution a class set's (or
-    the global set's) effect is compared with."""
+    """Seeded draws per random strategy (random latent sets, random directions): the null
+    distribution a class set's, the global set's or a control's effect is compared with."""
     accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Headline rule: per class, the alpha with the lowest head usage whose accuracy is at least
     the unsteered accuracy minus this."""
@@ -47,7 +53,7 @@ class SteerParams(Section):
     batch_size: Annotated[int, Field(ge=1)] = 256
     """Test images per batch."""
     seed: int = 0
-    """Seed of the random latent sets."""
+    """Seed of the random latent sets (streams seed, seed + 1) and the random directions (seed + 2)."""
     device: Device = "auto"
     """`auto` picks CUDA when present."""
     heads: HeadPath = "auto"

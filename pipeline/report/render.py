@@ -17,9 +17,16 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.record import TrainingRecord
 from pipeline.params.file import Params
 from pipeline.steering.ceiling import CeilingClass, CeilingDetails
-from pipeline.steering.headline import ClassHeadline
+from pipeline.steering.headline import ClassHeadline, PolicyEffect
 from pipeline.steering.results import Curve, NullPoint, SteerDetails
-from pipeline.steering.strategies import GLOBAL, PER_CLASS, STRATEGIES
+from pipeline.steering.strategies import (
+    CLASS_DIRECTION,
+    GATE_DIRECTION,
+    GLOBAL,
+    PER_CLASS,
+    RANDOM_DIRECTION,
+    STRATEGIES,
+)
 
 # What the paper reports (Lee and Har, AAAI 2026 student abstract; ViT-S/16, CIFAR-100).
 PAPER_CLASSES = {
@@ -300,13 +307,22 @@ def _control(r: ReportInputs) -> list[str]:
         f"{100 * ceiling.mean_accuracy_change:+.1f}{_ci_pct(acc_ci, sign=True) if has_ci else ''} | 100% | "
         f"{ceiling.classes_with_reduction} of {n} | - |",
     ]
+    controls = r.steer.controls or {}
     rows = [("SAE latents of the true class (oracle)", r.steer.per_class_headline),
-            ("SAE latents of the predicted class (deployable)", r.steer.predicted_class_policy)]
+            ("SAE latents of the predicted class (deployable)", r.steer.predicted_class_policy),
+            *((CONTROL_NAMES.get(name, name), policy) for name, policy in controls.items())]
     for name, policy in rows:
         if policy is None:
             continue
         null = getattr(policy, "null", None)
         beyond = f"{null.classes_below} of {null.classes}" if null else "-"
+        draws = getattr(policy, "draws", None)
+        if draws is not None:  # the mean over draws, each selected and reported alone, and their range
+            usage, accuracy = _mean(draws.usage_change), _mean(draws.accuracy_change)
+            lines.append(f"| {name} | {usage:+.3f} (draws {min(draws.usage_change):+.3f} to {max(draws.usage_change):+.3f}) | "
+                         f"{100 * accuracy:+.1f} (draws {100 * min(draws.accuracy_change):+.1f} to {100 * max(draws.accuracy_change):+.1f}) | "
+                         f"{_share(usage, ceiling.mean_usage_change)} | {policy.classes_with_reduction} of {n} (draw 0) | {beyond} |")
+            continue
         p_ci = policy.mean_usage_change_ci
         with_ci = p_ci[0] is not None and p_ci[0] == p_ci[0]
         lines.append(f"| {name} | {policy.mean_usage_change:+.3f}{_ci(p_ci) if with_ci else ''} | "
@@ -316,8 +332,56 @@ def _control(r: ReportInputs) -> list[str]:
     if oracle is not None:
         lines += ["", f"Per-class SAE steering reaches {_share(oracle.mean_usage_change, ceiling.mean_usage_change)} of the usage "
                   "reduction that class-specific final-block pruning reaches on this model."]
+    if controls:
+        lines += ["", "Controls (docs/METHOD.md, section 6) move the decision network's input, image by image and alpha by alpha, "
+                  f"by exactly as much as the per-class SAE steer moves it, along a plain direction; each is selected per class on "
+                  f"the {split} split like the SAE's policy, and its null is the random direction's draws. The random direction's "
+                  "row is the mean over its draws, each draw selected and reported alone, with their range."]
+        if oracle is not None and CLASS_DIRECTION in controls:
+            lines += ["", _sae_against_class_direction(oracle, controls[CLASS_DIRECTION])]
+        random = controls.get(RANDOM_DIRECTION)
+        if oracle is not None and random is not None and random.draws is not None:
+            lines += ["", _sae_against_random_directions(oracle, random.draws.usage_change)]
     lines += ["", "![per class: fixed patterns, the frontier, the ceiling's choice and steering](plots/ceiling_frontier.png)"]
     return lines
+
+
+CONTROL_NAMES = {
+    RANDOM_DIRECTION: "control: a random direction per class (the controls' null)",
+    CLASS_DIRECTION: "control: the class's mean embedding direction (no SAE)",
+    GATE_DIRECTION: "control: the gate-closing direction (closes heads fastest)",
+}
+
+
+def _sae_against_class_direction(sae: PolicyEffect, plain: PolicyEffect) -> str:
+    """One plain sentence: does the SAE beat a class direction of the same norm?"""
+    sae_ci, plain_ci = sae.mean_usage_change_ci, plain.mean_usage_change_ci
+    both = all(v is not None and v == v for v in (*sae_ci, *plain_ci))
+    apart = both and (sae_ci[1] < plain_ci[0] or plain_ci[1] < sae_ci[0])
+    numbers = f"SAE {sae.mean_usage_change:+.3f}, class direction {plain.mean_usage_change:+.3f}"
+    if not both:
+        verdict = "without intervals (steer.bootstrap is 0) the two cannot be told apart from noise"
+    elif not apart:
+        verdict = "the intervals overlap: at this size the two cannot be told apart"
+    elif sae.mean_usage_change < plain.mean_usage_change:
+        verdict = "the intervals do not overlap: the SAE's class latents give control beyond the class's mean direction"
+    else:
+        verdict = ("the intervals do not overlap: a plain class direction, with no SAE, gives more control than the SAE latents, "
+                   "contrary to the paper's story")
+    return f"At equal effort, mean usage change ({numbers}): {verdict}."
+
+
+def _sae_against_random_directions(sae: PolicyEffect, draws: list[float]) -> str:
+    """Where the SAE's policy falls among random directions of the same norm, each selected alike."""
+    more = sum(d < sae.mean_usage_change for d in draws)
+    return (f"Of {len(draws)} random directions of the same norm, each selected per class alike, {more} lower usage more than the "
+            f"SAE latents ({sae.mean_usage_change:+.3f}; random directions {min(draws):+.3f} to {max(draws):+.3f})"
+            + (": at equal effort the SAE's class latents move the gates less than chance directions do." if more > len(draws) / 2
+               else "."))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _strategies(r: ReportInputs) -> list[str]:

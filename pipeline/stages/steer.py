@@ -3,7 +3,10 @@
 Every strategy x alpha (x draw) runs on the test split and, when `steer.select_on` is `val`, on
 the validation split. The headline chooses each class's alpha on the selection split and
 reports it on test, with bootstrap intervals, against the random-set nulls, and beside the
-deployable policy that looks the set and the alpha up by the predicted class. Writes the rows,
+deployable policy that looks the set and the alpha up by the predicted class; each control
+(a plain direction at the per-class steer's norm) gets the same selected, reported policy
+against its own null. The class directions come from the training split's stored embeddings
+alone. Writes the rows,
 the headline and the details (`pipeline.steering.results`) and the data of `dvc plots`; the
 figures and metrics/report.md are the `report` stage's.
 """
@@ -14,7 +17,7 @@ import logging
 
 import torch
 
-from pipeline.checks import same_rows, same_width
+from pipeline.checks import same_classes, same_rows, same_width
 from pipeline.data.dataset import load_images
 from pipeline.data.embeddings import read_embeddings
 from pipeline.errors import PipelineError
@@ -30,15 +33,16 @@ from pipeline.runtime import pick_device
 from pipeline.sae.base import SparseAutoencoder
 from pipeline.sae.registry import load_sae
 from pipeline.steering.analysis import RunInfo, analyse
+from pipeline.steering.controls import control_directions, write_directions
 from pipeline.steering.results import class_usage_rows, curve_rows, write_details, write_headline, write_results
-from pipeline.steering.strategies import LatentSets
+from pipeline.steering.strategies import SteeringSets
 from pipeline.steering.sweep import Tally, Variant, latent_sets, result_rows, run_sweep, variants_for
 from pipeline.storage import atomic_path, clean_outputs, rounded, weights_sha256, write_json
 
 log = logging.getLogger(__name__)
 
 
-def sweep_split(split: str, model: GatedViT, config: ModelConfig, sae: SparseAutoencoder, sets: LatentSets,
+def sweep_split(split: str, model: GatedViT, config: ModelConfig, sae: SparseAutoencoder, sets: SteeringSets,
                 variants: list[Variant], sp: SteerParams, device: torch.device) -> Tally:
     """The sweep on one split, checked against that split's stored embeddings."""
     images_path, embeddings_path = download.dataset_split(split), extract.embeddings_split(split)
@@ -63,7 +67,13 @@ def run(sp: SteerParams) -> None:
     same_width(sae.dim, train_sae.SAE_CONFIG, model.vit.embed_dim, finetune.MODEL_CONFIG, rerun="train_sae")
     top_sets = read_top_sets(latent_stats.TOP_SETS, classes=(config.class_names, finetune.MODEL_CONFIG),
                              width=(sae.n_latents, train_sae.SAE_CONFIG))
-    sets = latent_sets(top_sets, sp.null_draws, sp.seed)
+    train_path = extract.embeddings_split("train")
+    train = read_embeddings(train_path)
+    same_width(train.dim, train_path, sae.dim, train_sae.SAE_CONFIG, rerun="extract")
+    same_classes(train.class_names, train_path, config.class_names, finetune.MODEL_CONFIG, rerun="extract")
+    directions = control_directions(train.x, train.labels, len(config.class_names),
+                                    model.decision_net(model.depth - 1).weight, sp.null_draws, sp.seed)
+    sets = latent_sets(top_sets, sp.null_draws, sp.seed, directions)
     device = pick_device(sp.device)
     model.head_path = resolve_head_path(sp.heads, device)
 
@@ -77,6 +87,7 @@ def run(sp: SteerParams) -> None:
     with atomic_path(files.RESULTS_DIR, directory=True) as tmp:  # both tables appear together
         write_results(tmp / files.RESULTS.name, [{"split": split, **row} for split in splits for row in rows[split]], model.num_heads)
         write_headline(tmp / files.HEADLINE.name, headline, model.num_heads)
+        write_directions(tmp / files.DIRECTIONS.name, directions)
     write_details(files.DETAILS, details)
     write_json(files.METRICS, rounded(details.metrics()))
     write_json(files.ACCURACY, curve_rows(details.strategies, "accuracy"))

@@ -16,6 +16,7 @@ from pipeline.model.flops import FlopModel
 from pipeline.params.steer import SteerParams
 from pipeline.steering.headline import (
     ClassHeadline,
+    PolicyResult,
     choose_per_group,
     class_null,
     curve_intervals,
@@ -26,6 +27,8 @@ from pipeline.steering.results import (
     AlphaCounts,
     Baseline,
     ClassNullSummary,
+    ControlPolicy,
+    DrawSpread,
     Curve,
     DoseResponse,
     Flops,
@@ -86,21 +89,8 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
 
     headline: list[ClassHeadline] = []
     if PER_CLASS in sp.strategies:
-        headline = select_headline(rows[sp.select_on], rows["test"], n_heads, sp.accuracy_tolerance, PER_CLASS)
-        alphas, correct, usage = test.image_outcomes(PER_CLASS)
-        chosen = torch.tensor([alphas.index(c.alpha) for c in headline])  # headline: one entry per class with images
-        by_class = torch.zeros(n_classes, dtype=torch.long).fill_(alphas.index(0.0))
-        by_class[torch.tensor([c.class_id for c in headline])] = chosen
-        oracle = evaluate_policy(correct, usage, by_class[labels], labels, n_classes, alphas, sp.bootstrap, sp.confidence, sp.seed)
-        null_name = STRATEGIES[PER_CLASS].null
-        nulls = class_null(rows["test"], PER_CLASS, null_name, sp.confidence) if null_name in sp.strategies else {}
-        for c in headline:
-            if sp.bootstrap:
-                c.accuracy_change_ci = (float(oracle.accuracy_change_ci[0][c.class_id]), float(oracle.accuracy_change_ci[1][c.class_id]))
-                c.usage_change_ci = (float(oracle.usage_change_ci[0][c.class_id]), float(oracle.usage_change_ci[1][c.class_id]))
-            if c.class_id in nulls:
-                effect, low, high = nulls[c.class_id][c.alpha]
-                c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
+        headline, oracle, nulls = class_policy(PER_CLASS, test, rows, sp, n_classes, n_heads)
+        alphas = test.image_outcomes(PER_CLASS)[0]
         details.per_class_headline = Headline(
             **Headline.fields_of(oracle), alpha={c.name: c.alpha for c in headline},
             usage_change={c.name: c.usage - c.baseline_usage for c in headline},
@@ -114,13 +104,7 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
                           usage_change_ci=_pair(c.usage_change_ci), accuracy_change_ci=_pair(c.accuracy_change_ci),
                           beyond_null=c.beyond_null)
                  for c in sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]],
-            null=ClassNullSummary(
-                classes_below=sum(c.beyond_null < 0 for c in headline),
-                classes_above=sum(c.beyond_null > 0 for c in headline),
-                classes=len(headline),
-                per_alpha={str(a): NullCount(below=sum(side(*nulls[k][a]) < 0 for k in nulls),
-                                             above=sum(side(*nulls[k][a]) > 0 for k in nulls)) for a in alphas},
-            ) if nulls else None,
+            null=null_summary(headline, nulls, alphas),
         )
         if PER_CLASS_PREDICTED in sp.strategies:
             s_alphas, s_correct, s_usage = select.image_outcomes(PER_CLASS_PREDICTED)
@@ -130,6 +114,18 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
                                         p_alphas, sp.bootstrap, sp.confidence, sp.seed)
             details.predicted_class_policy = Policy(**Policy.fields_of(predicted),
                                                     alpha={name: p_alphas[int(i)] for name, i in zip(class_names, by_prediction)})
+    controls = [name for name in sp.strategies if STRATEGIES[name].is_control]
+    if controls:
+        details.controls = {}
+        for name in controls:
+            rows_c, result, nulls = class_policy(name, test, rows, sp, n_classes, n_heads)
+            policy = ControlPolicy(**ControlPolicy.fields_of(result), alpha={c.name: c.alpha for c in rows_c},
+                                   selected_on=sp.select_on, null=null_summary(rows_c, nulls, test.image_outcomes(name)[0]))
+            if STRATEGIES[name].uses_draws:  # the same policy on every draw: how far chance alone goes
+                others = [class_policy(name, test, rows, sp, n_classes, n_heads, draw=d, bootstrap=False)[1] for d in test.draws(name)[1:]]
+                policy.draws = DrawSpread(usage_change=[result.mean_usage_change, *(o.mean_usage_change for o in others)],
+                                          accuracy_change=[result.mean_accuracy_change, *(o.mean_accuracy_change for o in others)])
+            details.controls[name] = policy
     null_name = STRATEGIES[GLOBAL].null
     if GLOBAL in sp.strategies and null_name in sp.strategies:
         global_null = {}
@@ -142,6 +138,45 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
         details.global_null = global_null
     details.dose_response = {name: dose_response(curve, base_acc, base_usage, sp.accuracy_tolerance) for name, curve in curves.items()}
     return details, headline
+
+
+def class_policy(strategy: str, test: Tally, rows: dict[str, list[dict]], sp: SteerParams, n_classes: int, n_heads: int,
+                 draw: int = 0, bootstrap: bool = True,
+                 ) -> tuple[list[ClassHeadline], PolicyResult, dict[int, dict[float, tuple[float, float, float]]]]:
+    """One strategy's per-class policy (one draw): each class's alpha chosen on `sp.select_on`'s
+    rows, its test outcome per class with bootstrap intervals (none when `bootstrap` is false),
+    and each class's effect against the strategy's null (empty without one)."""
+    headline = select_headline(rows[sp.select_on], rows["test"], n_heads, sp.accuracy_tolerance, strategy, draw)
+    alphas, correct, usage = test.image_outcomes(strategy, draw)
+    labels = test.all_labels
+    by_class = torch.full((n_classes,), alphas.index(0.0), dtype=torch.long)
+    by_class[torch.tensor([c.class_id for c in headline])] = torch.tensor([alphas.index(c.alpha) for c in headline])
+    resamples = sp.bootstrap if bootstrap else 0
+    result = evaluate_policy(correct, usage, by_class[labels], labels, n_classes, alphas, resamples, sp.confidence, sp.seed)
+    null_name = STRATEGIES[strategy].null
+    nulls = class_null(rows["test"], strategy, null_name, sp.confidence) if null_name in sp.strategies else {}
+    for c in headline:
+        if resamples:
+            c.accuracy_change_ci = (float(result.accuracy_change_ci[0][c.class_id]), float(result.accuracy_change_ci[1][c.class_id]))
+            c.usage_change_ci = (float(result.usage_change_ci[0][c.class_id]), float(result.usage_change_ci[1][c.class_id]))
+        if c.class_id in nulls:
+            effect, low, high = nulls[c.class_id][c.alpha]
+            c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
+    return headline, result, nulls
+
+
+def null_summary(headline: list[ClassHeadline], nulls: dict[int, dict[float, tuple[float, float, float]]],
+                 alphas: list[float]) -> ClassNullSummary | None:
+    """How many classes' chosen effect, and effect at each alpha, lies beyond their null."""
+    if not nulls:
+        return None
+    return ClassNullSummary(
+        classes_below=sum(c.beyond_null < 0 for c in headline),
+        classes_above=sum(c.beyond_null > 0 for c in headline),
+        classes=len(headline),
+        per_alpha={str(a): NullCount(below=sum(side(*nulls[k][a]) < 0 for k in nulls),
+                                     above=sum(side(*nulls[k][a]) > 0 for k in nulls)) for a in alphas},
+    )
 
 
 def dose_response(curve: Curve, base_accuracy: float, base_usage: float, tolerance: float) -> DoseResponse:

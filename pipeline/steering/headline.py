@@ -157,21 +157,21 @@ class ClassHeadline:
         return self.baseline_usage - self.usage
 
 
-def _by_class(rows: list[dict], strategy: str) -> dict[int, dict[float, dict]]:
-    """rows of one strategy (draw 0) -> {class_id: {alpha: row}} (classes with images only)."""
+def _by_class(rows: list[dict], strategy: str, draw: int = 0) -> dict[int, dict[float, dict]]:
+    """rows of one strategy and draw -> {class_id: {alpha: row}} (classes with images only)."""
     out: dict[int, dict[float, dict]] = {}
     for row in rows:
-        if row["strategy"] == strategy and row["draw"] == 0 and row["n"] > 0:
+        if row["strategy"] == strategy and row["draw"] == draw and row["n"] > 0:
             out.setdefault(row["class_id"], {})[row["alpha"]] = row
     return out
 
 
 def select_headline(select_rows: list[dict], report_rows: list[dict], n_heads: int, tolerance: float,
-                    strategy: str) -> list[ClassHeadline]:
+                    strategy: str, draw: int = 0) -> list[ClassHeadline]:
     """Per class: the alpha the rule picks on `select_rows`, with its accuracy, usage and kept
     heads on `report_rows` (pass the same rows for both to choose and report on one split)."""
-    chosen = _by_class(select_rows, strategy)
-    reported = _by_class(report_rows, strategy)
+    chosen = _by_class(select_rows, strategy, draw)
+    reported = _by_class(report_rows, strategy, draw)
     out = []
     for class_id in sorted(reported):
         report = reported[class_id]

@@ -202,6 +202,25 @@ class Headline(Policy):
 
 
 @dataclass
+class DrawSpread:
+    """A policy with seeded draws, selected and reported once per draw: each draw's mean changes."""
+
+    usage_change: list[float]
+    accuracy_change: list[float]
+
+
+@dataclass
+class ControlPolicy(Policy):
+    """A control's per-class policy, built as the headline is: alphas chosen per class on
+    `selected_on`, reported on test against the control's null. For a control with draws, the
+    fields are draw 0's, and `draws` has every draw's mean changes."""
+
+    selected_on: str = "val"
+    null: ClassNullSummary | None = field(default=None, metadata=OMIT)
+    draws: DrawSpread | None = field(default=None, metadata=OMIT)
+
+
+@dataclass
 class NullPoint:
     """The global set's usage change at one alpha against random sets of its size."""
 
@@ -235,6 +254,8 @@ class SteerDetails:
     predicted_class_policy: Policy | None = field(default=None, metadata=OMIT)
     global_null: dict[str, NullPoint] | None = field(default=None, metadata=OMIT)
     dose_response: dict[str, DoseResponse] | None = field(default=None, metadata=OMIT)
+    controls: dict[str, ControlPolicy] | None = field(default=None, metadata=OMIT)
+    """Per control strategy (`STRATEGIES[name].is_control`) among `steer.strategies`: its policy."""
 
     def metrics(self) -> dict[str, float | int]:
         """metrics/steer.json: the headline's three scalars (short names keep `dvc exp show`

@@ -1,8 +1,12 @@
-"""Steering strategies: which latents of which image to amplify (docs/METHOD.md, section 5).
+"""Steering strategies: how each image's decision-network input is moved (docs/METHOD.md, sections 5 and 6).
 
-One registry, read by everything that needs to know the strategies: parameter checking
-(`pipeline validate` and every command), the sweep (`pipeline.steering.sweep`), the figures and the
-report. Adding a strategy is one mask function plus one `Strategy` entry in `STRATEGIES`.
+Two kinds share one registry. A latent strategy names which SAE latents of an image to amplify
+(a mask); a control names a unit direction in the decision network's input space, along which
+the input moves by exactly as much as the per-class SAE steer moves it for that image and alpha
+(matched norm), so the two are compared at equal effort. The registry is read by everything that
+needs to know the strategies: parameter checking (`pipeline validate` and every command), the
+sweep (`pipeline.steering.sweep`), the figures and the report. Adding a strategy is one mask or
+direction function plus one `Strategy` entry in `STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,26 @@ from pipeline.errors import ParamsError
 
 
 @dataclass
-class LatentSets:
-    """The latent sets steering uses, as boolean masks over the SAE's latents."""
+class Directions:
+    """The controls' unit directions in the decision network's input space (width D)."""
+
+    random: Tensor
+    """(draws, C, D) seeded random unit directions, one per class and draw (the controls' null)."""
+    class_mean: Tensor
+    """(C, D) the class's mean training embedding minus the mean training embedding, normalised
+    (zero for a class without training images)."""
+    gate: Tensor
+    """(D,) minus the sum of the final block's decision-network rows, normalised: the direction
+    that lowers the sum of its gate logits fastest."""
+
+    def to(self, device: torch.device | str) -> Directions:
+        return Directions(self.random.to(device), self.class_mean.to(device), self.gate.to(device))
+
+
+@dataclass
+class SteeringSets:
+    """What the strategies draw from: latent sets as boolean masks over the SAE's latents, and
+    (for the controls) unit directions."""
 
     per_class: Tensor
     """(C, n_latents) bool: the top set of each class."""
@@ -30,9 +52,12 @@ class LatentSets:
     """(draws, C, n_latents) bool: random sets of alive latents, each class set's size."""
     mean_active: Tensor
     """(n_latents,) mean active value of each latent (for mode "add")."""
+    directions: Directions | None = None
+    """The controls' directions (None: no control can run)."""
 
-    def to(self, device: torch.device | str) -> LatentSets:
-        return LatentSets(*(t.to(device) for t in (self.per_class, self.global_set, self.random, self.random_per_class, self.mean_active)))
+    def to(self, device: torch.device | str) -> SteeringSets:
+        moved = (t.to(device) for t in (self.per_class, self.global_set, self.random, self.random_per_class, self.mean_active))
+        return SteeringSets(*moved, directions=None if self.directions is None else self.directions.to(device))
 
 
 @dataclass(frozen=True)
@@ -52,17 +77,28 @@ PER_CLASS_PREDICTED = "per_class_predicted"
 GLOBAL = "global"
 RANDOM = "random"
 RANDOM_PER_CLASS = "random_per_class"
+RANDOM_DIRECTION = "random_direction"
+CLASS_DIRECTION = "class_direction"
+GATE_DIRECTION = "gate_direction"
 
-MaskFn = Callable[[LatentSets, SteerBatch, int], Tensor]
+MATCHED_TO = PER_CLASS
+"""The latent strategy whose steer's norm, per image and alpha, every control moves by."""
+
+MaskFn = Callable[["SteeringSets", SteerBatch, int], Tensor]
 """(sets, batch, draw) -> (B, n_latents) bool mask of the latents to steer."""
+DirectionFn = Callable[["SteeringSets", SteerBatch, int], Tensor]
+"""(sets, batch, draw) -> (B, D) unit direction to move each image's decision input along."""
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    mask: MaskFn
     description: str
-    """One line for the report: what set is steered and what it needs."""
+    """One line for the report: what is steered and what it needs."""
+    mask: MaskFn | None = None
+    """A latent strategy: the latents it amplifies."""
+    direction: DirectionFn | None = None
+    """A control: the direction it moves along, at the norm of the `MATCHED_TO` steer."""
     uses_draws: bool = False
     """True: evaluated once per seeded draw (`steer.null_draws`), reported as the mean."""
     null: str | None = None
@@ -70,42 +106,70 @@ class Strategy:
     colour: str = "black"
     marker: str = "x"
 
+    @property
+    def is_control(self) -> bool:
+        return self.direction is not None
 
-def per_class_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+
+def per_class_mask(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
     return sets.per_class[batch.labels]
 
 
-def per_class_predicted_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+def per_class_predicted_mask(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
     return sets.per_class[batch.predictions]
 
 
-def global_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+def global_mask(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
     return sets.global_set.expand(len(batch.labels), -1)
 
 
-def random_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+def random_mask(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
     return sets.random[draw].expand(len(batch.labels), -1)
 
 
-def random_per_class_mask(sets: LatentSets, batch: SteerBatch, draw: int) -> Tensor:
+def random_per_class_mask(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
     return sets.random_per_class[draw][batch.labels]
 
 
+def random_direction(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
+    return _directions(sets).random[draw][batch.labels]
+
+
+def class_direction(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
+    return _directions(sets).class_mean[batch.labels]
+
+
+def gate_direction(sets: SteeringSets, batch: SteerBatch, draw: int) -> Tensor:
+    return _directions(sets).gate.expand(len(batch.labels), -1)
+
+
+def _directions(sets: SteeringSets) -> Directions:
+    if sets.directions is None:
+        raise ValueError("a control strategy needs SteeringSets.directions (pipeline.steering.controls.control_directions)")
+    return sets.directions
+
+
+MATCHED = f"moved by the norm of the {MATCHED_TO} steer's change, per image and alpha"
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy(PER_CLASS, per_class_mask, "the top set of the image's true class (an oracle: needs the label)",
+        Strategy(PER_CLASS, "the top set of the image's true class (an oracle: needs the label)", mask=per_class_mask,
                  null=RANDOM_PER_CLASS, colour="tab:green", marker="o"),
-        Strategy(PER_CLASS_PREDICTED, per_class_predicted_mask,
-                 "the top set of the class the unsteered model predicts (deployable: no label needed)",
-                 colour="tab:olive", marker="D"),
-        Strategy(GLOBAL, global_mask, "the top set over all classes, for every image", null=RANDOM,
+        Strategy(PER_CLASS_PREDICTED, "the top set of the class the unsteered model predicts (deployable: no label needed)",
+                 mask=per_class_predicted_mask, colour="tab:olive", marker="D"),
+        Strategy(GLOBAL, "the top set over all classes, for every image", mask=global_mask, null=RANDOM,
                  colour="tab:blue", marker="s"),
-        Strategy(RANDOM, random_mask, "seeded random sets of alive latents, the global set's size (the global set's null)",
-                 uses_draws=True, colour="tab:gray", marker="^"),
-        Strategy(RANDOM_PER_CLASS, random_per_class_mask,
-                 "seeded random sets of alive latents, the size of the image's class set (the per-class null)",
-                 uses_draws=True, colour="tab:pink", marker="v"),
+        Strategy(RANDOM, "seeded random sets of alive latents, the global set's size (the global set's null)",
+                 mask=random_mask, uses_draws=True, colour="tab:gray", marker="^"),
+        Strategy(RANDOM_PER_CLASS, "seeded random sets of alive latents, the size of the image's class set (the per-class null)",
+                 mask=random_per_class_mask, uses_draws=True, colour="tab:pink", marker="v"),
+        Strategy(RANDOM_DIRECTION, f"control: a seeded random direction per class, {MATCHED} (the controls' null)",
+                 direction=random_direction, uses_draws=True, colour="tab:brown", marker="<"),
+        Strategy(CLASS_DIRECTION, f"control: the true class's mean embedding minus the mean embedding (train split), {MATCHED}; "
+                 "no SAE", direction=class_direction, null=RANDOM_DIRECTION, colour="tab:purple", marker="P"),
+        Strategy(GATE_DIRECTION, f"control: minus the sum of the final block's decision-network rows (the linear optimum for "
+                 f"closing heads: an upper reference), {MATCHED}", direction=gate_direction, null=RANDOM_DIRECTION,
+                 colour="tab:red", marker="*"),
     )
 }
 

@@ -4,7 +4,9 @@ For an image with final-block CLS input `x` and a latent set S:
     z = enc(x);  z'_j = (1 + alpha) z_j  (mode "scale")  or  z_j + alpha * m_j  (mode "add"), j in S
     x' = x + dec(z') - dec(z)   (keep_error)   or   x' = dec(z')
 The final block's decision network sees x'; the final block itself runs on the original tokens
-with the resulting gates, and the classifier reads its output.
+with the resulting gates, and the classifier reads its output. A control (section 6) moves x
+along a direction of its own by the norm of the per-class steer's dec(z') - dec(z) instead
+(`pipeline.steering.controls`).
 
 Fast path: blocks 0..L-2 run once per batch. Every (strategy, alpha, draw) variant then only
 needs the decision network (one small matmul) to get its gates, and the final block's output
@@ -28,7 +30,8 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
 from pipeline.sae.base import SparseAutoencoder
-from pipeline.steering.strategies import STRATEGIES, LatentSets, SteerBatch, check_strategies
+from pipeline.steering.controls import matched_input
+from pipeline.steering.strategies import MATCHED_TO, STRATEGIES, Directions, SteerBatch, SteeringSets, check_strategies
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,20 @@ class Variant:
     draw: int = 0
 
 
-def steering_mask(sets: LatentSets, variant: Variant, batch: SteerBatch) -> Tensor:
-    """(B, n_latents) bool mask of the latents `variant` steers for these images."""
-    return STRATEGIES[variant.strategy].mask(sets, batch, variant.draw)
+def steering_mask(sets: SteeringSets, variant: Variant, batch: SteerBatch) -> Tensor:
+    """(B, n_latents) bool mask of the latents `variant` steers for these images (a latent strategy)."""
+    mask = STRATEGIES[variant.strategy].mask
+    if mask is None:
+        raise ValueError(f"{variant.strategy} is a control: it has a direction, not a latent mask")
+    return mask(sets, batch, variant.draw)
+
+
+def steering_direction(sets: SteeringSets, variant: Variant, batch: SteerBatch) -> Tensor:
+    """(B, D) unit directions a control moves these images' decision inputs along."""
+    direction = STRATEGIES[variant.strategy].direction
+    if direction is None:
+        raise ValueError(f"{variant.strategy} is a latent strategy: it has a latent mask, not a direction")
+    return direction(sets, batch, variant.draw)
 
 
 def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:
@@ -53,17 +67,19 @@ def random_sets(alive: Tensor, size: int, draws: int, seed: int) -> Tensor:
     return membership(rows, len(alive))
 
 
-def latent_sets(top_sets: TopSets, draws: int, seed: int) -> LatentSets:
-    """The masks every strategy draws from: the stored top sets and the seeded random nulls."""
+def latent_sets(top_sets: TopSets, draws: int, seed: int, directions: Directions | None = None) -> SteeringSets:
+    """The masks every latent strategy draws from (the stored top sets and the seeded random
+    nulls), with the controls' `directions` (`pipeline.steering.controls.control_directions`)."""
     per_class, global_set = top_sets.masks()
     mean_active = top_sets.mean_active()
     alive = mean_active > 0
-    return LatentSets(
+    return SteeringSets(
         per_class=per_class,
         global_set=global_set,
         random=random_sets(alive, int(global_set.sum()), draws, seed),
         random_per_class=random_class_sets(alive, per_class.sum(1).tolist(), draws, seed),
         mean_active=mean_active,
+        directions=directions,
     )
 
 
@@ -189,26 +205,44 @@ SteerFn = Callable[..., tuple[Tensor, Tensor]]
 and predictions (V, B): the signature of a reference steering implementation."""
 
 
+def decision_inputs(sae: SparseAutoencoder, sets: SteeringSets, x: Tensor, batch: SteerBatch, variants: list[Variant], mode: str,
+                    keep_error: bool) -> Tensor:
+    """(V, B, D): every variant's decision-network input x' for the (B, D) CLS inputs x. A
+    control moves x by the norm of the `MATCHED_TO` steer's dec(z') - dec(z) at its alpha."""
+    z = sae.encode(x)
+    matched_norms: dict[float, Tensor] = {}  # alpha -> (B, 1), computed once for all controls at that alpha
+
+    def matched_norm(alpha: float) -> Tensor:
+        if alpha not in matched_norms:
+            z_own = steer_latents(z, steering_mask(sets, Variant(MATCHED_TO, alpha), batch), alpha, mode, sets.mean_active)
+            matched_norms[alpha] = (sae.decode(z_own) - sae.decode(z)).norm(dim=-1, keepdim=True)
+        return matched_norms[alpha]
+
+    inputs = []
+    for variant in variants:
+        if STRATEGIES[variant.strategy].is_control:
+            inputs.append(matched_input(x, steering_direction(sets, variant, batch), matched_norm(variant.alpha), variant.alpha))
+        else:
+            z_steered = steer_latents(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
+            inputs.append(steered_input(x, z, z_steered, sae, keep_error))
+    return torch.stack(inputs)
+
+
 @torch.no_grad()
 def steer_batch(
-    model: GatedViT, sae: SparseAutoencoder, sets: LatentSets, tokens: Tensor, batch: SteerBatch, variants: list[Variant], mode: str, keep_error: bool
+    model: GatedViT, sae: SparseAutoencoder, sets: SteeringSets, tokens: Tensor, batch: SteerBatch, variants: list[Variant], mode: str, keep_error: bool
 ) -> tuple[Tensor, Tensor]:
     """Gates (V, B, H) and predictions (V, B) of all variants, reusing `tokens` (fast path)."""
-    x = tokens[:, 0]
-    z = sae.encode(x)
-    gates = []
-    for variant in variants:
-        z_steered = steer_latents(z, steering_mask(sets, variant, batch), variant.alpha, mode, sets.mean_active)
-        x_steered = steered_input(x, z, z_steered, sae, keep_error)
-        gates.append((model.final_gate_logits(x_steered) > 0).to(tokens.dtype))
-    gates_t = torch.stack(gates)
-    return gates_t, final_block_outcomes(model, tokens, gates_t)
+    x_steered = decision_inputs(sae, sets, tokens[:, 0], batch, variants, mode, keep_error)
+    # one (B, D) matmul per variant, as the naive reference does (one (V*B, D) matmul may round differently)
+    gates = torch.stack([(model.final_gate_logits(x) > 0).to(tokens.dtype) for x in x_steered])
+    return gates, final_block_outcomes(model, tokens, gates)
 
 
 def run_sweep(
     model: GatedViT,
     sae: SparseAutoencoder,
-    sets: LatentSets,
+    sets: SteeringSets,
     images: Tensor,
     labels: Tensor,
     config: ModelConfig,
