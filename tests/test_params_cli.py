@@ -47,6 +47,12 @@ BAD = [
     ({"steer": {"mode": "scale", "alphas": [-2.0, 0.0]}}, "steer", ">= -1"),
     ({"finetune": {"batch_size": 10, "nproc": 3}}, "finetune", "divisible by nproc"),
     ({"finetune": {"lr": -1}}, "finetune.lr", "greater than 0"),
+    ({"sae": {"architecture": "gated"}}, "sae.architecture", "'topk', 'batchtopk', 'jumprelu', 'matryoshka' or 'frozen_random'"),
+    ({"sae": {"jumprelu": {"bandwidth": 0}}}, "sae.jumprelu.bandwidth", "greater than 0"),
+    ({"sae": {"jumprelu": {"l0": 0.1}}}, "sae.jumprelu.l0", "unknown key"),
+    ({"sae": {"matryoshka": {"prefixes": [0.5, 1.5]}}}, "sae.matryoshka.prefixes.1", "less than or equal to 1"),
+    ({"sae": {"batchtopk": {"threshold_momentum": 1.0}}}, "sae.batchtopk.threshold_momentum", "less than 1"),
+    ({"sae": {"architecture": "jumprelu", "trainer": "fast"}}, "sae", "trains only topk"),
 ]
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params.sae import SaeParams
 from pipeline.sae.base import normalize_rows_, remove_parallel_
+from pipeline.sae.linear import normalized_mse
 from pipeline.sae.registry import load_sae, save_sae
 from pipeline.sae.topk import TopKSAE, topk_lowest_index
 from pipeline.sae.training import (
@@ -24,7 +25,6 @@ from pipeline.sae.training import (
     evaluate_sae,
     geometric_median,
     input_scale_for,
-    normalized_mse,
     train_sae,
 )
 

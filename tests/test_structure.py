@@ -82,8 +82,8 @@ def test_an_sae_of_an_unknown_format_is_refused(tmp_path):
 
     save_sae(tmp_path / "sae", TopKSAE(4, 8, 2), {})
     config = tmp_path / "sae" / "config.json"
-    config.write_text(config.read_text().replace('"topk_sae"', '"jumprelu_sae"'))
-    with pytest.raises(PipelineError, match="not an SAE this pipeline knows .*'jumprelu_sae'"):
+    config.write_text(config.read_text().replace('"topk_sae"', '"gated_sae"'))
+    with pytest.raises(PipelineError, match="not an SAE this pipeline knows .*'gated_sae'"):
         load_sae(tmp_path / "sae")
 
 

@@ -10,10 +10,14 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.sae.base import SparseAutoencoder
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.batchtopk import BatchTopKSAE, MatryoshkaSAE
+from pipeline.sae.jumprelu import JumpReLUSAE
+from pipeline.sae.topk import FrozenRandomSAE, TopKSAE
 from pipeline.storage import load_weights, save_weights
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.ARCHITECTURE: cls for cls in (TopKSAE,)}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    cls.ARCHITECTURE: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, FrozenRandomSAE)
+}
 """Every SAE kind, by `sae.architecture`."""
 
 
@@ -34,7 +38,7 @@ def load_sae(directory: Path | str) -> SparseAutoencoder:
         sae = cls.from_config(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise PipelineError(f"{directory}/config.json: bad or missing SAE field ({exc})") from None
-    expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}  # parameters and buffers
     for name, shape in expected.items():
         if name not in state:
             raise PipelineError(f"{directory}: weights lack tensor '{name}'")
@@ -44,6 +48,6 @@ def load_sae(directory: Path | str) -> SparseAutoencoder:
     if unknown:
         raise PipelineError(f"{directory}: unexpected tensors {unknown}")
     with torch.no_grad():
-        for name, param in sae.named_parameters():
-            param.copy_(state[name].to(param.dtype))  # copy_ keeps W_dec's memory layout
+        for name, tensor in sae.state_dict(keep_vars=True).items():
+            tensor.copy_(state[name].to(tensor.dtype))  # copy_ keeps W_dec's memory layout
     return sae

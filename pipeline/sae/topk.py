@@ -3,22 +3,20 @@
     z     = TopK_k(ReLU(W_enc (s x - b_dec) + b_enc))
     x_hat = (W_dec z + b_dec) / s
 
-`s` is `input_scale`, one constant chosen on the training set so that the scaled embeddings
-have mean squared norm D (`sae.normalize_input`); `z` lives in the SAE's normalised space.
-Its trainer (hand-written sparse gradients) is `pipeline/sae/training.py`, so editing that
-does not rerun the stages that only load an SAE.
+The shared linear parts are `pipeline.sae.linear`. Its fast trainer (hand-written sparse
+gradients) is `pipeline/sae/training.py`, tested equal to autograd through `training_loss`;
+editing the trainers does not rerun the stages that only load an SAE.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.sae.base import SAEOutput, SparseAutoencoder, normalize_rows_, remove_parallel_
+from pipeline.sae.base import SAEOutput
+from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, normalized_mse
 
 FORMAT = "topk_sae"
 FORMAT_VERSION = 1
@@ -53,56 +51,17 @@ def topk_lowest_index(pre: Tensor, k: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the model
-class TopKSAE(SparseAutoencoder):
-    """TopK SAE D -> n_latents with unit-norm decoder columns; public methods use raw space."""
+class TopKSAE(LinearSAE):
+    """TopK SAE D -> n_latents: exactly k codes per sample (the k largest ReLU'd pre-activations)."""
 
     ARCHITECTURE = "topk"
     FORMAT = FORMAT
 
     def __init__(self, dim: int, n_latents: int, k: int, input_scale: float = 1.0):
-        super().__init__()
         if not 1 <= k <= n_latents:
             raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}")
-        if not (math.isfinite(input_scale) and input_scale > 0):
-            raise ValueError(f"input_scale must be a positive finite number, got {input_scale}")
-        self.dim, self.n_latents, self.k = dim, n_latents, k
-        self.input_scale = float(input_scale)
-        self.W_enc = nn.Parameter(torch.empty(n_latents, dim))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        # W_dec is (dim, n_latents) but stored transposed in memory, so that its columns (the
-        # rows of W_dec.T) are contiguous: embedding_bag then reads them without a copy.
-        self.W_dec = nn.Parameter(torch.empty(n_latents, dim).T)
-        self.b_dec = nn.Parameter(torch.zeros(dim))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random unit-norm decoder columns, W_enc = W_dec^T, zero biases."""
-        directions = torch.randn(self.n_latents, self.dim, generator=generator)
-        directions /= directions.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(directions.T)
-        self.W_enc.copy_(directions)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
-
-    def normalize_decoder_(self) -> None:
-        """Rescale every decoder column to unit norm (in place, keeping the memory layout)."""
-        normalize_rows_(self.W_dec.T)
-
-    def remove_parallel_grad_(self) -> None:
-        """Drop the component of each decoder column's gradient along the column."""
-        if self.W_dec.grad is not None:
-            remove_parallel_(self.W_dec.grad.T, self.W_dec.T)
-
-    def dec_rows(self) -> Tensor:
-        """W_dec^T: the decoder columns as (n_latents, dim) rows (a view, contiguous)."""
-        rows = self.W_dec.T
-        return rows if rows.is_contiguous() else rows.contiguous()
-
-    # -- public API, raw space
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """(N, n_latents) ReLU'd pre-activations, before the top-k choice."""
-        return F.linear(x * self.input_scale - self.b_dec, self.W_enc, self.b_enc).relu()
+        self.k = k
+        super().__init__(dim, n_latents, input_scale)
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """values (N, k) >= 0 and indices (N, k) int64 (ascending), exactly k per row."""
@@ -113,34 +72,41 @@ class TopKSAE(SparseAutoencoder):
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.encode_topk(x)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Dense codes (N, n_latents) -> raw-space reconstruction (N, D)."""
-        return (z @ self.W_dec.T + self.b_dec) / self.input_scale
-
-    def decoder_directions(self) -> Tensor:
-        return self.W_dec.T / self.input_scale
-
-    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        """decode() of the codes given as (values, indices), reading only those columns."""
-        decoded = F.embedding_bag(indices, self.dec_rows(), per_sample_weights=values, mode="sum")
-        return (decoded + self.b_dec) / self.input_scale
-
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
         indices = topk_lowest_index(pre, self.k)
         values = pre.gather(1, indices)
         return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
 
+    def training_loss(self, xs: Tensor, dead: Tensor, objective: Objective) -> LossTerms:
+        """normalized_mse + aux_coef * AuxK, through a dense decode (what the hand-written fast
+        path in `pipeline.sae.training` computes without one)."""
+        pre = self.scaled_pre(xs).relu()
+        indices = topk_lowest_index(pre, self.k)
+        values = pre.gather(1, indices)
+        x_hat = self.decode_scaled(torch.zeros_like(pre).scatter(1, indices, values))
+        aux = auxk_loss(pre, xs, x_hat, dead, self, objective.k_aux) if objective.aux_coef > 0 else pre.new_zeros(())
+        return LossTerms(normalized_mse(x_hat, xs) + objective.aux_coef * aux, aux, (x_hat - xs).square().sum(), values, indices)
+
     def config(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dim": self.dim,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "input_scale": self.input_scale,
-        }
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.base_config(), "k": self.k}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TopKSAE:
         return cls(int(config["dim"]), int(config["n_latents"]), int(config["k"]), float(config["input_scale"]))
+
+
+class FrozenRandomSAE(TopKSAE):
+    """The control (cf. Korznikov et al. 2026): a TopK SAE left at its random initialisation
+    (unit-norm random decoder columns, the encoder their transpose, b_dec the training set's
+    geometric median, as TopK training starts), never trained. TopK keeps its L0 at exactly k,
+    so nothing else needs fitting; same width and k as the trained SAE it stands in for."""
+
+    ARCHITECTURE = "frozen_random"
+    FORMAT = "frozen_random_sae"
+
+    def frozen(self) -> bool:
+        return True
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "format": self.FORMAT}

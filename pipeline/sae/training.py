@@ -1,7 +1,8 @@
-"""Training and evaluating the TopK SAE (docs/METHOD.md, section 3); the model is in `pipeline.sae.topk`.
+"""Training and evaluating SAEs (docs/METHOD.md, sections 3 and 7); the models are in `pipeline/sae/`.
 
-Training does not go through autograd: `_train_step` computes the loss and its gradients by
-hand, because then
+Two trainers share one loop. The generic one runs autograd on each architecture's
+`training_loss`. TopK's fast path does not go through autograd: `_train_step` computes the
+loss and its gradients by hand, because then
 
 - the only dense `N x n_latents x D` product per step is the encoder's forward (needed to
   choose the top k); decoding reads only the k active decoder columns (`embedding_bag`), and
@@ -10,7 +11,8 @@ hand, because then
 - every large buffer (pre-activations, weight gradients) is allocated once and reused: a fresh
   `n_latents x D` buffer per step costs page faults that rival the arithmetic on the CPU.
 
-The hand-written gradients are checked against autograd in tests/test_sae.py.
+The hand-written gradients are checked against autograd (and TopK's `training_loss`) in
+tests/test_sae.py.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from pipeline.errors import ParamsError, PipelineError
 from pipeline.params.sae import SaeParams
 from pipeline.progress import progress
 from pipeline.sae.base import SparseAutoencoder, normalize_rows_
-from pipeline.sae.topk import TopKSAE, topk_lowest_index
+from pipeline.sae.batchtopk import BatchTopKSAE, MatryoshkaSAE, prefix_sizes
+from pipeline.sae.jumprelu import JumpReLUSAE
+from pipeline.sae.linear import LinearSAE, Objective
+from pipeline.sae.topk import FrozenRandomSAE, TopKSAE, topk_lowest_index
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +146,6 @@ def _backprop_codes(grad_out: Tensor, xc: Tensor, rows: Tensor, indices: Tensor,
     grad_pre = grad_values * (values > 0)  # through the ReLU
     pattern.accumulate(grads.w_enc, grad_pre, xc)
     grads.b_enc.index_add_(0, flat, grad_pre.reshape(-1))
-
-
-def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """mse(x_hat, x) / mse(mean x, x): OpenAI's loss, a batch estimate of the FVU."""
-    return (x_hat - x).square().sum() / (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
 
 
 def _nmse_and_grad(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -259,15 +259,91 @@ class _DeadTracker:
         return fired
 
 
-def _new_sae(x_train: Tensor, params: SaeParams, generator: torch.Generator) -> TopKSAE:
+def build_sae(params: SaeParams, dim: int, n_latents: int, input_scale: float) -> LinearSAE:
+    """An untrained SAE of `params.architecture`."""
+    if params.architecture == "topk":
+        return TopKSAE(dim, n_latents, params.k, input_scale=input_scale)
+    if params.architecture == "frozen_random":
+        return FrozenRandomSAE(dim, n_latents, params.k, input_scale=input_scale)
+    if params.architecture == "batchtopk":
+        return BatchTopKSAE(dim, n_latents, params.k, input_scale=input_scale)
+    if params.architecture == "matryoshka":
+        return MatryoshkaSAE(dim, n_latents, params.k, prefix_sizes(n_latents, params.matryoshka.prefixes), input_scale=input_scale)
+    if params.architecture == "jumprelu":
+        j = params.jumprelu
+        return JumpReLUSAE(dim, n_latents, input_scale=input_scale, init_threshold=j.init_threshold, bandwidth=j.bandwidth)
+    raise ParamsError(f"sae.architecture = {params.architecture!r}: no trainer builds it")
+
+
+def _new_sae(x_train: Tensor, params: SaeParams, generator: torch.Generator) -> LinearSAE:
     n, dim = x_train.shape
     scale = input_scale_for(x_train) if params.normalize_input else 1.0
-    sae = TopKSAE(dim, resolve_n_latents(params, dim), params.k, input_scale=scale)
+    sae = build_sae(params, dim, resolve_n_latents(params, dim), scale)
     sae.reset_parameters(generator)
     sample = x_train[torch.randperm(n, generator=generator)[:GEOMEDIAN_SAMPLE]].to(torch.float32) * scale
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample) if params.b_dec_init == "geometric_median" else sample.mean(dim=0))
     return sae
+
+
+def objective_of(params: SaeParams, dim: int) -> Objective:
+    return Objective(aux_coef=params.aux_coef, k_aux=params.k_aux if params.k_aux is not None else max(dim // 2, 1),
+                     l0_coef=params.jumprelu.l0_coef, threshold_momentum=params.batchtopk.threshold_momentum)
+
+
+def uses_fast_path(params: SaeParams, sae: LinearSAE) -> bool:
+    """TopK's hand-written gradients: `trainer` fast, or auto on a (trained) TopK SAE."""
+    return params.trainer == "fast" or (params.trainer == "auto" and type(sae) is TopKSAE)
+
+
+StepFn = Callable[[Tensor, Tensor], _StepResult]
+"""(scaled batch, dead mask) -> the step's loss terms, after the weights moved."""
+
+
+def _fast_step(sae: TopKSAE, params: SaeParams, objective: Objective, batch_size: int, device: torch.device
+               ) -> tuple[StepFn, torch.optim.Optimizer, Callable[[], None]]:
+    # The decoder is optimised through W_dec's contiguous (n_latents, dim) view, as a leaf of
+    # its own: Adam's fused kernel would copy the transposed W_dec to and fro on every step.
+    rows = nn.Parameter(sae.W_dec.data.T)
+    weights = (sae.W_enc, sae.b_enc, rows, sae.b_dec)
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    grads = _Grads(*(w.grad for w in weights))
+    pre_buffer = torch.empty(batch_size, sae.n_latents, device=device)
+    optimizer = torch.optim.Adam(weights, lr=params.lr, fused=device.type in ("cpu", "cuda"))
+
+    def step(xb: Tensor, dead: Tensor) -> _StepResult:
+        result = _train_step(sae, rows, xb, dead, objective.k_aux, objective.aux_coef, grads, pre_buffer)
+        optimizer.step()
+        normalize_rows_(rows)
+        return result
+
+    def done() -> None:
+        for w in weights:
+            w.grad = None
+
+    return step, optimizer, done
+
+
+def _autograd_step(sae: LinearSAE, params: SaeParams, objective: Objective, device: torch.device
+                   ) -> tuple[StepFn, torch.optim.Optimizer | None, Callable[[], None]]:
+    trainable = [] if sae.frozen() else [p for p in sae.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params.lr) if trainable else None
+
+    def step(xb: Tensor, dead: Tensor) -> _StepResult:
+        if optimizer is None:  # the frozen control: the objective only, for the record
+            with torch.no_grad():
+                terms = sae.training_loss(xb, dead, objective)
+            return _StepResult(terms.loss, terms.aux_loss, terms.sq_err, terms.values, terms.indices)
+        optimizer.zero_grad(set_to_none=False)
+        terms = sae.training_loss(xb, dead, objective)
+        terms.loss.backward()
+        sae.remove_parallel_grad_()
+        optimizer.step()
+        sae.after_step()
+        return _StepResult(terms.loss.detach(), terms.aux_loss.detach(), terms.sq_err.detach(), terms.values, terms.indices)
+
+    return step, optimizer, lambda: sae.zero_grad(set_to_none=True)
 
 
 def train_sae(
@@ -277,9 +353,12 @@ def train_sae(
     x_eval: Tensor | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     *,
-    init: TopKSAE | None = None,
-) -> tuple[TopKSAE, list[dict[str, Any]]]:
-    """Train a TopK SAE on (N, D) raw embeddings; return it (in eval mode) and per-epoch rows.
+    init: LinearSAE | None = None,
+) -> tuple[LinearSAE, list[dict[str, Any]]]:
+    """Train an SAE of `params.architecture` on (N, D) raw embeddings; return it (in eval mode)
+    and per-epoch rows. TopK trains on the hand-written fast path unless `params.trainer` says
+    autograd; every other architecture through autograd on its `training_loss`; the frozen
+    control runs its objective without a step (its weights never change).
 
     Each row: epoch, loss (mean total loss), aux_loss, train_fvu (running estimate over the
     epoch's batches, before each step), test_fvu (on `x_eval`, None without it), l0,
@@ -288,28 +367,22 @@ def train_sae(
     `init` continues training that SAE in place (its k, width, input_scale and b_dec are
     kept; `params` then only sets the schedule) instead of initialising a new one.
     """
-    if params.architecture != TopKSAE.ARCHITECTURE:
-        raise ParamsError(f"sae.architecture = {params.architecture!r}: this trainer trains {TopKSAE.ARCHITECTURE!r} SAEs")
     device = torch.device(device)
     n, dim = x_train.shape
     generator = torch.Generator().manual_seed(params.seed)
     sae = _new_sae(x_train, params, generator) if init is None else init
     if sae.dim != dim:
         raise ValueError(f"init SAE has dim {sae.dim}, the embeddings {dim}")
-    sae.to(device)
+    if params.trainer == "fast" and type(sae) is not TopKSAE:
+        raise ParamsError(f"sae.trainer = 'fast': trains only topk SAEs, not {sae.ARCHITECTURE!r}")
+    sae.to(device).train()
     xs = x_train.to(device, torch.float32) * sae.input_scale
     n_latents, batch_size = sae.n_latents, min(params.batch_size, n)
-
-    # The decoder is optimised through W_dec's contiguous (n_latents, dim) view, as a leaf of
-    # its own: Adam's fused kernel would copy the transposed W_dec to and fro on every step.
-    rows = nn.Parameter(sae.W_dec.data.T)
-    weights = (sae.W_enc, sae.b_enc, rows, sae.b_dec)
-    for w in weights:
-        w.grad = torch.zeros_like(w)
-    grads = _Grads(*(w.grad for w in weights))
-    pre_buffer = torch.empty(batch_size, n_latents, device=device)
-    optimizer = torch.optim.Adam(weights, lr=params.lr, fused=device.type in ("cpu", "cuda"))
-    k_aux = params.k_aux if params.k_aux is not None else max(dim // 2, 1)
+    objective = objective_of(params, dim)
+    if uses_fast_path(params, sae):
+        step_fn, optimizer, done = _fast_step(sae, params, objective, batch_size, device)
+    else:
+        step_fn, optimizer, done = _autograd_step(sae, params, objective, device)
     tracker = _DeadTracker(n_latents, params.dead_window or n, device)
     total_dev = float(xs.var(dim=0, unbiased=False).double().sum()) * n
 
@@ -324,11 +397,10 @@ def train_sae(
         for begin in range(0, n, batch_size):
             xb = xs[perm[begin : begin + batch_size]]
             lr = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            result = _train_step(sae, rows, xb, tracker.dead(), k_aux, params.aux_coef, grads, pre_buffer)
-            optimizer.step()
-            normalize_rows_(rows)
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            result = step_fn(xb, tracker.dead())
 
             with torch.no_grad():
                 fired_epoch |= tracker.update(result.values, result.indices)
@@ -344,15 +416,15 @@ def train_sae(
             "loss": loss_sum / n_batches,
             "aux_loss": aux_sum / n_batches,
             "train_fvu": sq_err_sum / total_dev,
-            "test_fvu": evaluate_sae(sae, x_eval)["fvu"] if x_eval is not None else None,
+            "test_fvu": evaluate_sae(sae.eval(), x_eval)["fvu"] if x_eval is not None else None,
             "l0": active_sum / n,
             "dead_fraction": 1.0 - float(fired_epoch.sum()) / n_latents,
             "samples_per_s": n / elapsed,
         }
+        sae.train()
         history.append(row)
         log.debug("epoch %d: %s", epoch, row)
         if on_epoch is not None:
             on_epoch(row)
-    for w in weights:
-        w.grad = None
+    done()
     return sae.eval(), history

@@ -43,6 +43,8 @@ def run(cfg: SaeParams) -> None:
     device = pick_device(cfg.device)
     log.info("training a %s SAE %d -> %d (k %d) on %d embeddings for %d epochs on %s",
              cfg.architecture, train.dim, n_latents, cfg.k, train.x.shape[0], cfg.epochs, device)
+    if cfg.architecture == "frozen_random":
+        log.info("frozen_random: the weights stay at their random initialisation (the epochs only record the objective)")
 
     def report(row: dict[str, Any]) -> None:
         if row["epoch"] % LOG_EVERY == 0 or row["epoch"] == cfg.epochs:
@@ -76,7 +78,8 @@ def run(cfg: SaeParams) -> None:
         "test": rounded(on_test),
         "dim": sae.dim,
         "n_latents": sae.n_latents,
-        "k": sae.k,
+        "architecture": sae.ARCHITECTURE,
+        "k": getattr(sae, "k", None),
         "epochs": cfg.epochs,
         "input_scale": rounded(sae.input_scale),
         "n_train": int(train.x.shape[0]),
