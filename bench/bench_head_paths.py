@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from pipeline.data.dataset import load_images
+from pipeline.data.embeddings import read_embeddings
 from pipeline.interpret.top_sets import read_top_sets
 from pipeline.model.extraction import batch_records
 from pipeline.model.flops import flop_model
 from pipeline.model.gated_vit import load_gated_vit
 from pipeline.params.file import load_params
 from pipeline.sae.registry import load_sae
+from pipeline.steering.controls import directions_for
 from pipeline.steering.sweep import latent_sets, result_rows, run_sweep, variants_for
 
 PATHS = ("masked", "skipping")
@@ -106,8 +108,10 @@ def main() -> None:
     # the steering sweep
     sp = params.steer
     sae = load_sae(root / "models/sae")
+    train = read_embeddings(root / "data/embeddings/train.parquet")  # the controls' class directions
     sets = latent_sets(read_top_sets(root / "data/stats/top_sets.json", classes=(config.class_names, root / "models/vit"),
-                                     width=(sae.n_latents, root / "models/sae")), sp.null_draws, sp.seed)
+                                     width=(sae.n_latents, root / "models/sae")), sp.null_draws, sp.seed,
+                       directions_for(model, train.x, train.labels, sp.null_draws, sp.seed))
     variants = variants_for(sp.strategies, sp.alphas, sp.null_draws)
     sweep_images, sweep_labels = test.images[: args.sweep_images], test.labels[: args.sweep_images]
     rows: dict[str, list] = {}

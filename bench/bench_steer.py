@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from pipeline.data.dataset import load_images
+from pipeline.data.embeddings import read_embeddings
 from pipeline.interpret.top_sets import read_top_sets
 from pipeline.model.gated_vit import load_gated_vit
 from pipeline.params.file import load_params
 from pipeline.sae.registry import load_sae
 from pipeline.steering import sweep
+from pipeline.steering.controls import directions_for
 from pipeline.steering.sweep import latent_sets, result_rows, run_sweep, variants_for
 
 full_block_outcomes = sweep.final_block_outcomes
@@ -44,8 +46,10 @@ def main() -> None:
     sp = load_params(args.params or root / "params.yaml").steer
     model, config = load_gated_vit(root / "models/vit")
     sae = load_sae(root / "models/sae")
+    train = read_embeddings(root / "data/embeddings/train.parquet")  # the controls' class directions
+    directions = directions_for(model, train.x, train.labels, sp.null_draws, sp.seed)
     sets = latent_sets(read_top_sets(root / "data/stats/top_sets.json", classes=(config.class_names, root / "models/vit"),
-                                     width=(sae.n_latents, root / "models/sae")), sp.null_draws, sp.seed)
+                                     width=(sae.n_latents, root / "models/sae")), sp.null_draws, sp.seed, directions)
     test = load_images(root / "data/dataset/test.parquet")
     images, labels = test.images[: args.images], test.labels[: args.images]
     variants = variants_for(sp.strategies, sp.alphas, sp.null_draws)

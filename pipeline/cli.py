@@ -237,3 +237,25 @@ def summarize(pattern: str = PatternOption, out: Path = SummaryDirOption, debug:
             raise
         _fail(str(exc), 1)
     typer.echo(f"{len(runs)} runs summarised in {out}/summary.md")
+
+
+CompareDirOption = typer.Option(Path("metrics/compare"), "--out", help="Directory for comparison.md and comparison.json.")
+
+
+@app.command()
+def compare(pattern: str = PatternOption, out: Path = CompareDirOption, debug: bool = DebugOption) -> None:
+    """Across finished DVC experiments (e.g. SAE architectures): one row each of SAE quality,
+    purity against its baselines, the steering headline and its share of the ceiling."""
+    _setup_logging()
+    from pipeline.report.compare import compare as compare_runs
+    from pipeline.report.compare import write_comparison
+    from pipeline.report.summary import collect
+
+    try:
+        rows = compare_runs(collect(pattern))
+        write_comparison(rows, out)
+    except PipelineError as exc:
+        if debug:
+            raise
+        _fail(str(exc), 1)
+    typer.echo(f"{len(rows)} runs compared in {out}/comparison.md")

@@ -38,6 +38,8 @@ class RunRecord:
     params: dict[str, Any]
     metrics: dict[str, float]
     steer: dict[str, Any] = field(default_factory=dict)
+    rev: str = ""
+    """The experiment's commit, to read its other files from (`git show REV:PATH`)."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,7 +53,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _git_json(rev: str, path: str, repo: Path) -> dict[str, Any]:
+def git_json(rev: str, path: str, repo: Path) -> dict[str, Any]:
     result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
     if result.returncode != 0:
         return {}
@@ -79,7 +81,7 @@ def collect(pattern: str, repo: Path = Path(".")) -> list[RunRecord]:
                     continue
                 params = {k: v for f in (data.get("params") or {}).values() for k, v in flatten(f.get("data") or {}).items()}
                 metrics = {k: v for f in data["metrics"].values() for k, v in flatten(f.get("data") or {}).items()}
-                runs.append(RunRecord(name, params, metrics, _git_json(rev.get("rev", ""), STEER_DETAILS, repo)))
+                runs.append(RunRecord(name, params, metrics, git_json(rev.get("rev", ""), STEER_DETAILS, repo), rev.get("rev", "")))
     return sorted(runs, key=lambda r: r.name)
 
 

@@ -33,7 +33,7 @@ from pipeline.runtime import pick_device
 from pipeline.sae.base import SparseAutoencoder
 from pipeline.sae.registry import load_sae
 from pipeline.steering.analysis import RunInfo, analyse
-from pipeline.steering.controls import control_directions, write_directions
+from pipeline.steering.controls import directions_for, write_directions
 from pipeline.steering.results import class_usage_rows, curve_rows, write_details, write_headline, write_results
 from pipeline.steering.strategies import SteeringSets
 from pipeline.steering.sweep import Tally, Variant, latent_sets, result_rows, run_sweep, variants_for
@@ -71,8 +71,7 @@ def run(sp: SteerParams) -> None:
     train = read_embeddings(train_path)
     same_width(train.dim, train_path, sae.dim, train_sae.SAE_CONFIG, rerun="extract")
     same_classes(train.class_names, train_path, config.class_names, finetune.MODEL_CONFIG, rerun="extract")
-    directions = control_directions(train.x, train.labels, len(config.class_names),
-                                    model.decision_net(model.depth - 1).weight, sp.null_draws, sp.seed)
+    directions = directions_for(model, train.x, train.labels, sp.null_draws, sp.seed)
     sets = latent_sets(top_sets, sp.null_draws, sp.seed, directions)
     device = pick_device(sp.device)
     model.head_path = resolve_head_path(sp.heads, device)

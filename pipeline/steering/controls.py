@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pipeline.errors import PipelineError
+from pipeline.model.gated_vit import GatedViT
 from pipeline.steering.strategies import Directions
 
 
@@ -56,6 +57,11 @@ def control_directions(train_x: Tensor, train_labels: Tensor, n_classes: int, de
         class_mean=class_mean_directions(train_x, train_labels, n_classes),
         gate=gate_closing_direction(decision_weight),
     )
+
+
+def directions_for(model: GatedViT, train_x: Tensor, train_labels: Tensor, draws: int, seed: int) -> Directions:
+    """`control_directions` for this model: its classes, its final block's decision network."""
+    return control_directions(train_x, train_labels, model.vit.num_classes, model.decision_net(model.depth - 1).weight, draws, seed)
 
 
 def matched_input(x: Tensor, direction: Tensor, norm: Tensor, alpha: float) -> Tensor:
