@@ -141,3 +141,15 @@ def test_how_much_control_lists_every_control_with_its_share_of_the_ceiling_and_
     assert "the SAE's class latents give control beyond the class's mean direction" in text
     assert "contrary to the paper's story" in page(-0.2, [-0.25, -0.15])
     assert "the intervals overlap: at this size the two cannot be told apart" in page(-0.05, [-0.08, -0.02])
+
+
+def test_the_configuration_names_the_sae_architecture(tiny_params):
+    steer = steer_metrics(["per_class"], with_headline=True)
+    rows = [headline(0, "bowl", (0.8, 0.7), (0.8, 0.5), [1], 4.0)]
+    for details, expected in (({**SAE, "architecture": "jumprelu", "k": None}, "| SAE | JumpReLU, 768 latents, L0 set by its learned thresholds,"),
+                              ({**SAE, "architecture": "batchtopk"}, "| SAE | BatchTopK, 768 latents, k = 32 on average over a batch,"),
+                              (SAE, "| SAE | TopK, 768 latents, k = 32,")):
+        text = render_report(ReportInputs(params=tiny_params(), config=config(), finetune=from_json_value(TrainingRecord, FINETUNE),
+                                          sae=details, stats=STATS, steer=from_json_value(SteerDetails, steer), headline=rows,
+                                          head_names=HEADS))
+        assert expected in text, expected

@@ -244,12 +244,27 @@ def _configuration(r: ReportInputs) -> list[str]:
         f"depth {shape.depth}, {shape.num_heads} heads, gated from block {config.keep_layers}; "
         f"{'pretrained' if params.model.pretrained else 'from checkpoint' if params.model.checkpoint else 'from scratch'} |",
         f"| fine-tuning | {params.finetune.epochs} epochs, head target {params.finetune.head_target}, weight {params.finetune.head_weight}, tau {params.finetune.tau} |",
-        f"| SAE | TopK, {r.sae.get('n_latents')} latents, k = {r.sae.get('k')}, {params.sae.epochs} epochs |",
+        f"| SAE | {_sae_kind(r.sae)}, {r.sae.get('n_latents')} latents, {_sae_sparsity(r.sae)}, {params.sae.epochs} epochs |",
         f"| statistics | top-{params.stats.top_k} most frequent latents (train split) |",
         f"| steering | mode `{sp.mode}`, keep_error {sp.keep_error}, alphas {sorted(set(sp.alphas) | {0.0})}, "
         f"strategies {', '.join(sp.strategies)}{draws}, tolerance {sp.accuracy_tolerance} |",
         "",
     ]
+
+
+SAE_KINDS = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "matryoshka": "Matryoshka BatchTopK",
+             "frozen_random": "frozen random TopK (never trained: the control)"}
+
+
+def _sae_kind(sae: dict[str, Any]) -> str:
+    architecture = sae.get("architecture", "topk")  # details written before architectures existed are TopK
+    return SAE_KINDS.get(architecture, architecture)
+
+
+def _sae_sparsity(sae: dict[str, Any]) -> str:
+    if sae.get("k") is None:
+        return "L0 set by its learned thresholds"
+    return f"k = {sae['k']}" + (" on average over a batch" if sae.get("architecture") in ("batchtopk", "matryoshka") else "")
 
 
 def _model_and_sae(r: ReportInputs) -> list[str]:
