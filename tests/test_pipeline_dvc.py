@@ -152,3 +152,26 @@ def test_the_explore_commands_name_the_stage_to_run_when_its_outputs_are_missing
         result = cli(repo, *args)
         assert result.returncode == 1 and "dvc repro interpret" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_every_sae_architecture_runs_every_stage_after_it(finished, tmp_path, monkeypatch):
+    """train_sae, latent_stats, interpret, steer and report (in-process, on a copy of the finished
+    run) with each architecture: everything after the SAE works unchanged with any of them."""
+    from pipeline.cli import call_stage
+    from pipeline.params.file import parse_params
+
+    repo = tmp_path / "repo"
+    shutil.copytree(finished[0], repo, symlinks=True)
+    monkeypatch.chdir(repo)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for architecture in ("batchtopk", "jumprelu", "matryoshka", "frozen_random"):
+        params = parse_params({**raw, "sae": {**raw["sae"], "architecture": architecture}}, "params")
+        for stage in ("train_sae", "latent_stats", "interpret", "steer", "report"):
+            call_stage(stage, params)
+        config = json.loads((repo / "models/sae/config.json").read_text())
+        assert config["format"] == f"{architecture}_sae"
+        assert json.loads((repo / "metrics/details/sae.json").read_text())["architecture"] == architecture
+        steer = json.loads((repo / "metrics/details/steer.json").read_text())
+        assert "per_class_headline" in steer and set(steer["controls"]) == {"random_direction", "class_direction", "gate_direction"}
+        assert "## How much control" in (repo / "metrics/report.md").read_text()
