@@ -100,6 +100,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def render_markdown(rows: list[ComparisonRow]) -> str:
     keys = list(rows[0].settings) if rows else []
     head = ["run", *keys, "test FVU", "L0", "dead", "purity (random / PCA)", "per-class usage change", "accuracy (points)",
@@ -117,10 +121,7 @@ def render_markdown(rows: list[ComparisonRow]) -> str:
         cells = [r.name, *(str(r.settings[k]) for k in keys), _fmt(r.fvu, ".4f"), _fmt(r.l0, ".1f"), _fmt(r.dead_fraction, ".2f"),
                  f"{_fmt(r.purity, '.3f')} ({_fmt(r.purity_random, '.3f')} / {_fmt(r.purity_pca, '.3f')})",
                  f"{_fmt(r.usage_change, '+.3f')}{ci}", _fmt(None if r.accuracy_change is None else 100 * r.accuracy_change, "+.1f"),
-                 _fmt(None if r.share_of_ceiling is None else 100 * r.share_of_ceiling, ".0f") + ("%" if r.share_of_ceiling is not None else ""),
-                 _fmt(None if r.class_direction_share is None else 100 * r.class_direction_share, ".0f")
-                 + ("%" if r.class_direction_share is not None else ""),
-                 _fmt(None if r.sign_agreement is None else 100 * r.sign_agreement, ".0f") + ("%" if r.sign_agreement is not None else "")]
+                 _percent(r.share_of_ceiling), _percent(r.class_direction_share), _percent(r.sign_agreement)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -5,9 +5,10 @@ decodes linearly: `decode(z) = z @ decoder_directions() + offset`, which is what
 relies on (`x' = x + decode(z') - decode(z)`) and what makes a latent's effect on a linear
 decision network exact (`pipeline.interpret.latents.head_attribution`).
 
-Adding an architecture (BatchTopK, JumpReLU, ...) is one subclass of `SparseAutoencoder` in a
-file of its own beside `topk.py`, registered in `pipeline.sae.registry.ARCHITECTURES`, plus its
-trainer in `pipeline/sae/training.py`; `latent_stats`, `interpret` and `steer` use it unchanged.
+Adding an architecture is one subclass of `pipeline.sae.linear.LinearSAE` in a file of its own
+(its `sparse_codes` and `training_loss`; the generic trainer in `pipeline/sae/training.py`
+trains it), registered in `pipeline.sae.registry.ARCHITECTURES` and built in
+`training.build_sae`; `latent_stats`, `interpret`, `steer` and `ceiling` use it unchanged.
 """
 
 from __future__ import annotations

@@ -41,15 +41,14 @@ class BatchTopKSAE(LinearSAE):
     ARCHITECTURE = "batchtopk"
     FORMAT = "batchtopk_sae"
 
-    def __init__(self, dim: int, n_latents: int, k: int, input_scale: float = 1.0, threshold: float = 0.0):
+    def __init__(self, dim: int, n_latents: int, k: int, input_scale: float = 1.0):
         if not 1 <= k <= n_latents:
             raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}")
         self.k = k
         super().__init__(dim, n_latents, input_scale)
-        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("threshold", torch.tensor(0.0))  # unset until training's first batch
 
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.pre_activations(x)
+    def sparse_codes(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         return sparse_from_dense(pre * (pre > self.threshold))
 
     def train_codes(self, pre: Tensor, momentum: float) -> Tensor:
@@ -97,8 +96,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     ARCHITECTURE = "matryoshka"
     FORMAT = "matryoshka_sae"
 
-    def __init__(self, dim: int, n_latents: int, k: int, prefixes: list[int], input_scale: float = 1.0, threshold: float = 0.0):
-        super().__init__(dim, n_latents, k, input_scale, threshold)
+    def __init__(self, dim: int, n_latents: int, k: int, prefixes: list[int], input_scale: float = 1.0):
+        super().__init__(dim, n_latents, k, input_scale)
         if not prefixes or prefixes[-1] != n_latents or any(a >= b for a, b in zip(prefixes, prefixes[1:])) or prefixes[0] < 1:
             raise ValueError(f"prefixes must increase strictly from >= 1 to n_latents={n_latents}, got {prefixes}")
         self.prefixes = list(prefixes)

@@ -84,8 +84,7 @@ class JumpReLUSAE(LinearSAE):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.pre_activations(x)
+    def sparse_codes(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         return sparse_from_dense(pre * (pre > self.threshold()))
 
     def training_loss(self, xs: Tensor, dead: Tensor, objective: Objective) -> LossTerms:

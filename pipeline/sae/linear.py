@@ -129,9 +129,18 @@ class LinearSAE(SparseAutoencoder):
         decoded = F.embedding_bag(indices, self.dec_rows(), per_sample_weights=values, mode="sum")
         return (decoded + self.b_dec) / self.input_scale
 
+    def sparse_codes(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """ReLU'd pre-activations -> the inference codes (values, indices): the architecture's
+        activation (TopK's k largest, a threshold, ...)."""
+        raise NotImplementedError
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.sparse_codes(self.pre_activations(x))
+
     def forward(self, x: Tensor) -> SAEOutput:
-        values, indices = self.encode_sparse(x)
-        return SAEOutput(self.decode_sparse(values, indices), values, indices, self.pre_activations(x))
+        pre = self.pre_activations(x)
+        values, indices = self.sparse_codes(pre)
+        return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
 
     # -- training, normalised space (`xs` = s x)
     def scaled_pre(self, xs: Tensor) -> Tensor:

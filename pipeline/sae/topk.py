@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sae.base import SAEOutput
 from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, normalized_mse
 
 FORMAT = "topk_sae"
@@ -63,20 +62,14 @@ class TopKSAE(LinearSAE):
         self.k = k
         super().__init__(dim, n_latents, input_scale)
 
-    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def sparse_codes(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """values (N, k) >= 0 and indices (N, k) int64 (ascending), exactly k per row."""
-        pre = self.pre_activations(x)
         indices = topk_lowest_index(pre, self.k)
         return pre.gather(1, indices), indices
 
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.encode_topk(x)
-
-    def forward(self, x: Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)
-        indices = topk_lowest_index(pre, self.k)
-        values = pre.gather(1, indices)
-        return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode_sparse`: exactly k codes per row."""
+        return self.encode_sparse(x)
 
     def training_loss(self, xs: Tensor, dead: Tensor, objective: Objective) -> LossTerms:
         """normalized_mse + aux_coef * AuxK, through a dense decode (what the hand-written fast

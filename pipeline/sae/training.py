@@ -296,12 +296,12 @@ def uses_fast_path(params: SaeParams, sae: LinearSAE) -> bool:
     return params.trainer == "fast" or (params.trainer == "auto" and type(sae) is TopKSAE)
 
 
-StepFn = Callable[[Tensor, Tensor], _StepResult]
+TrainStep = Callable[[Tensor, Tensor], _StepResult]
 """(scaled batch, dead mask) -> the step's loss terms, after the weights moved."""
 
 
 def _fast_step(sae: TopKSAE, params: SaeParams, objective: Objective, batch_size: int, device: torch.device
-               ) -> tuple[StepFn, torch.optim.Optimizer, Callable[[], None]]:
+               ) -> tuple[TrainStep, torch.optim.Optimizer, Callable[[], None]]:
     # The decoder is optimised through W_dec's contiguous (n_latents, dim) view, as a leaf of
     # its own: Adam's fused kernel would copy the transposed W_dec to and fro on every step.
     rows = nn.Parameter(sae.W_dec.data.T)
@@ -326,7 +326,7 @@ def _fast_step(sae: TopKSAE, params: SaeParams, objective: Objective, batch_size
 
 
 def _autograd_step(sae: LinearSAE, params: SaeParams, objective: Objective, device: torch.device
-                   ) -> tuple[StepFn, torch.optim.Optimizer | None, Callable[[], None]]:
+                   ) -> tuple[TrainStep, torch.optim.Optimizer | None, Callable[[], None]]:
     trainable = [] if sae.frozen() else [p for p in sae.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=params.lr) if trainable else None
 
@@ -416,12 +416,11 @@ def train_sae(
             "loss": loss_sum / n_batches,
             "aux_loss": aux_sum / n_batches,
             "train_fvu": sq_err_sum / total_dev,
-            "test_fvu": evaluate_sae(sae.eval(), x_eval)["fvu"] if x_eval is not None else None,
+            "test_fvu": evaluate_sae(sae, x_eval)["fvu"] if x_eval is not None else None,
             "l0": active_sum / n,
             "dead_fraction": 1.0 - float(fired_epoch.sum()) / n_latents,
             "samples_per_s": n / elapsed,
         }
-        sae.train()
         history.append(row)
         log.debug("epoch %d: %s", epoch, row)
         if on_epoch is not None:

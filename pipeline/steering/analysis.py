@@ -89,8 +89,7 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
 
     headline: list[ClassHeadline] = []
     if PER_CLASS in sp.strategies:
-        headline, oracle, nulls = class_policy(PER_CLASS, test, rows, sp, n_classes, n_heads)
-        alphas = test.image_outcomes(PER_CLASS)[0]
+        headline, oracle, null = class_policy(PER_CLASS, test, rows, sp, n_classes, n_heads)
         details.per_class_headline = Headline(
             **Headline.fields_of(oracle), alpha={c.name: c.alpha for c in headline},
             usage_change={c.name: c.usage - c.baseline_usage for c in headline},
@@ -104,7 +103,7 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
                           usage_change_ci=_pair(c.usage_change_ci), accuracy_change_ci=_pair(c.accuracy_change_ci),
                           beyond_null=c.beyond_null)
                  for c in sorted(headline, key=lambda c: (-c.usage_reduction, c.class_id))[: sp.top_classes]],
-            null=null_summary(headline, nulls, alphas),
+            null=null,
         )
         if PER_CLASS_PREDICTED in sp.strategies:
             s_alphas, s_correct, s_usage = select.image_outcomes(PER_CLASS_PREDICTED)
@@ -118,9 +117,9 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
     if controls:
         details.controls = {}
         for name in controls:
-            rows_c, result, nulls = class_policy(name, test, rows, sp, n_classes, n_heads)
+            rows_c, result, null = class_policy(name, test, rows, sp, n_classes, n_heads)
             policy = ControlPolicy(**ControlPolicy.fields_of(result), alpha={c.name: c.alpha for c in rows_c},
-                                   selected_on=sp.select_on, null=null_summary(rows_c, nulls, test.image_outcomes(name)[0]))
+                                   selected_on=sp.select_on, null=null)
             if STRATEGIES[name].uses_draws:  # the same policy on every draw: how far chance alone goes
                 others = [class_policy(name, test, rows, sp, n_classes, n_heads, draw=d, bootstrap=False)[1] for d in test.draws(name)[1:]]
                 policy.draws = DrawSpread(usage_change=[result.mean_usage_change, *(o.mean_usage_change for o in others)],
@@ -142,10 +141,11 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
 
 def class_policy(strategy: str, test: Tally, rows: dict[str, list[dict]], sp: SteerParams, n_classes: int, n_heads: int,
                  draw: int = 0, bootstrap: bool = True,
-                 ) -> tuple[list[ClassHeadline], PolicyResult, dict[int, dict[float, tuple[float, float, float]]]]:
+                 ) -> tuple[list[ClassHeadline], PolicyResult, ClassNullSummary | None]:
     """One strategy's per-class policy (one draw): each class's alpha chosen on `sp.select_on`'s
     rows, its test outcome per class with bootstrap intervals (none when `bootstrap` is false),
-    and each class's effect against the strategy's null (empty without one)."""
+    and each class's effect against the strategy's null (None without one; the classes' rows
+    carry their own side of it)."""
     headline = select_headline(rows[sp.select_on], rows["test"], n_heads, sp.accuracy_tolerance, strategy, draw)
     alphas, correct, usage = test.image_outcomes(strategy, draw)
     labels = test.all_labels
@@ -162,7 +162,7 @@ def class_policy(strategy: str, test: Tally, rows: dict[str, list[dict]], sp: St
         if c.class_id in nulls:
             effect, low, high = nulls[c.class_id][c.alpha]
             c.null_usage_change, c.beyond_null = (low, high), side(effect, low, high)
-    return headline, result, nulls
+    return headline, result, null_summary(headline, nulls, alphas)
 
 
 def null_summary(headline: list[ClassHeadline], nulls: dict[int, dict[float, tuple[float, float, float]]],
