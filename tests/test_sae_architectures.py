@@ -143,6 +143,52 @@ def test_matryoshka_prefix_losses_equal_hand_computed_ones():
     assert float(sae.reconstruction_loss(z, xs)[0].detach()) == pytest.approx(sum(by_hand) / 3, abs=1e-6)
 
 
+def _dense_reference_loss(sae, xs: torch.Tensor, dead: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Each architecture's objective written the plain way: autograd through F.linear (what
+    `training_loss`'s CenteredLinear saves a product of) and plain dense decodes."""
+    pre = torch.nn.functional.linear(xs - sae.b_dec, sae.W_enc, sae.b_enc).relu()
+
+    def dense_decode(z: torch.Tensor) -> torch.Tensor:
+        return z @ sae.W_dec.T + sae.b_dec
+
+    if isinstance(sae, JumpReLUSAE):
+        theta = sae.threshold()
+        x_hat = dense_decode(JumpReLUFn.apply(pre, theta, sae.bandwidth))
+        return normalized_mse(x_hat, xs) + objective.l0_coef * StepFn.apply(pre, theta, sae.bandwidth).sum(1).mean()
+    z = batch_topk(pre, sae.k)
+    x_hat = dense_decode(z)
+    prefixes = sae.prefixes if isinstance(sae, MatryoshkaSAE) else [sae.n_latents]
+    loss = torch.stack([normalized_mse(z[:, :m] @ sae.W_dec[:, :m].T + sae.b_dec, xs) for m in prefixes]).mean()
+    masked = torch.where(dead, pre, torch.zeros_like(pre))
+    top = masked.topk(min(objective.k_aux, int(dead.sum())), dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    return loss + objective.aux_coef * normalized_mse(z_aux @ sae.W_dec.T, (xs - x_hat).detach())
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "jumprelu"])
+def test_the_training_losses_have_the_plain_objectives_gradients(architecture):
+    p = params(architecture, jumprelu={"init_threshold": 0.3, "bandwidth": 0.2, "l0_coef": 0.01})
+    sae = _new_sae(DATA, p, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # move the biases off zero so that every term is exercised
+        sae.b_enc.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    xs = DATA[:64] * sae.input_scale
+    dead = torch.zeros(sae.n_latents, dtype=torch.bool)
+    dead[::3] = True
+    objective = Objective(aux_coef=1 / 32, k_aux=8, l0_coef=0.01)
+    reference = copy.deepcopy(sae)
+    terms = sae.training_loss(xs, dead, objective)
+    terms.loss.backward()
+    _dense_reference_loss(reference, xs, dead, objective).backward()
+    assert float(terms.loss.detach()) == pytest.approx(float(_dense_reference_loss(copy.deepcopy(reference), xs, dead, objective).detach()), rel=1e-5)
+    for (name, got), (_, want) in zip(sae.named_parameters(), reference.named_parameters()):
+        assert want.grad is not None and bool(want.grad.abs().sum() > 0), name  # not vacuous
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-6), name
+    if architecture == "jumprelu":  # the window below the thresholds is in play
+        pre = sae.pre_activations(DATA[:64])
+        theta = sae.threshold().detach()
+        assert bool(((pre < theta) & (pre > theta - sae.bandwidth / 2) & (pre > 0)).any())
+
+
 def _smoothed_step(u: torch.Tensor, eps: float) -> torch.Tensor:
     return (u / eps + 0.5).clamp(0, 1)
 

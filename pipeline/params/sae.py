@@ -70,9 +70,12 @@ class SaeParams(Section):
     batch_size: Annotated[int, Field(ge=1)] = 256
     """Samples per optimisation step."""
     lr: Annotated[float, Field(gt=0)] = 1e-3
-    """Adam learning rate after warmup (constant afterwards)."""
+    """Adam learning rate after warmup (constant afterwards unless `lr_decay`)."""
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     """Linear learning-rate warmup, in steps."""
+    lr_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Final fraction of the steps over which the learning rate falls linearly to zero
+    (Anthropic's SAEs: 0.2; 0 keeps it constant). bench/bench_sae.py measures what it buys."""
     aux_coef: Annotated[float, Field(ge=0)] = 1 / 32
     """AuxK loss coefficient (OpenAI: 1/32; 0 disables): TopK, BatchTopK and Matryoshka's
     dead-latent loss (JumpReLU has none)."""

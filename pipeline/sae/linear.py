@@ -63,12 +63,37 @@ def sparse_from_dense(z: Tensor) -> tuple[Tensor, Tensor]:
     indices ascending, rows with fewer active latents padded with value 0 at the lowest
     inactive indices."""
     active = z > 0
-    width = max(int(active.sum(dim=1).max()) if z.numel() else 0, 1)
-    # active latents first (in index order), then the inactive ones in index order
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :width]
-    indices = order.sort(dim=1).values
+    n_active = active.sum(dim=1, keepdim=True)
+    width = max(int(n_active.max()) if z.numel() else 0, 1)
+    # every active latent, and the first (width - n_active) inactive ones of the row: exactly
+    # `width` per row, so the row-major nonzero() gives each row's indices in ascending order
+    # (an argsort of the whole (N, L) matrix costs several times more)
+    inactive = ~active
+    padding = inactive & (inactive.cumsum(dim=1, dtype=torch.int32) <= width - n_active)
+    indices = (active | padding).nonzero()[:, 1].reshape(z.shape[0], width)
     values = z.gather(1, indices) * active.gather(1, indices)
     return values, indices
+
+
+class CenteredLinear(torch.autograd.Function):
+    """pre = (xs - b_dec) W_enc^T + b_enc with xs constant.
+
+    The same forward as F.linear; the backward gets b_dec's gradient, -(sum_i grad_pre_i) W_enc,
+    from a vector-matrix product instead of autograd's full (N, n_latents) x (n_latents, D)
+    gradient for the centred input, which nothing else needs.
+    """
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, b_dec: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
+        xc = xs - b_dec
+        ctx.save_for_backward(xc, w_enc)
+        return F.linear(xc, w_enc, b_enc)
+
+    @staticmethod
+    def backward(ctx, grad_pre: Tensor):
+        xc, w_enc = ctx.saved_tensors
+        grad_b_enc = grad_pre.sum(dim=0)
+        return None, -(grad_b_enc @ w_enc), grad_pre.T @ xc, grad_b_enc
 
 
 class LinearSAE(SparseAutoencoder):
@@ -144,8 +169,9 @@ class LinearSAE(SparseAutoencoder):
 
     # -- training, normalised space (`xs` = s x)
     def scaled_pre(self, xs: Tensor) -> Tensor:
-        """Pre-activations (before any ReLU) of already-scaled inputs, differentiable."""
-        return F.linear(xs - self.b_dec, self.W_enc, self.b_enc)
+        """Pre-activations (before any ReLU) of already-scaled inputs, differentiable in the
+        weights (`xs` is data: no gradient flows to it)."""
+        return CenteredLinear.apply(xs, self.b_dec, self.W_enc, self.b_enc)
 
     def decode_scaled(self, z: Tensor) -> Tensor:
         """Dense codes -> reconstruction in normalised space, differentiable."""

@@ -296,6 +296,16 @@ def uses_fast_path(params: SaeParams, sae: LinearSAE) -> bool:
     return params.trainer == "fast" or (params.trainer == "auto" and type(sae) is TopKSAE)
 
 
+def learning_rate(params: SaeParams, step: int, total_steps: int) -> float:
+    """The rate at 0-based `step` of `total_steps`: linear warmup over `warmup_steps`, then
+    constant, then (with `lr_decay`) linear to zero over the final `lr_decay` of the steps."""
+    lr = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
+    decay_steps = int(params.lr_decay * total_steps)
+    if decay_steps > 0:
+        lr *= min(1.0, (total_steps - step) / decay_steps)
+    return lr
+
+
 TrainStep = Callable[[Tensor, Tensor], _StepResult]
 """(scaled batch, dead mask) -> the step's loss terms, after the weights moved."""
 
@@ -328,7 +338,8 @@ def _fast_step(sae: TopKSAE, params: SaeParams, objective: Objective, batch_size
 def _autograd_step(sae: LinearSAE, params: SaeParams, objective: Objective, device: torch.device
                    ) -> tuple[TrainStep, torch.optim.Optimizer | None, Callable[[], None]]:
     trainable = [] if sae.frozen() else [p for p in sae.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=params.lr) if trainable else None
+    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters, as the fast path
+    optimizer = torch.optim.Adam(trainable, lr=params.lr, fused=fused) if trainable else None
 
     def step(xb: Tensor, dead: Tensor) -> _StepResult:
         if optimizer is None:  # the frozen control: the objective only, for the record
@@ -387,7 +398,7 @@ def train_sae(
     total_dev = float(xs.var(dim=0, unbiased=False).double().sum()) * n
 
     history: list[dict[str, Any]] = []
-    step = 0
+    step, total_steps = 0, params.epochs * math.ceil(n / batch_size)
     for epoch in progress(range(1, params.epochs + 1), desc="train_sae", unit="epoch"):
         start_time = time.perf_counter()
         perm = torch.randperm(n, generator=generator).to(device)
@@ -396,7 +407,7 @@ def train_sae(
         n_batches = 0
         for begin in range(0, n, batch_size):
             xb = xs[perm[begin : begin + batch_size]]
-            lr = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
+            lr = learning_rate(params, step, total_steps)
             if optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
