@@ -1,19 +1,31 @@
-"""Benchmark: this project's TopK SAE training against overcomplete's TopK SAE.
+"""Benchmark: this project's SAE training against overcomplete's, architecture by architecture.
 
-One run, same machine, same embeddings, same width, k, batch size, learning rate (with the same
-linear warmup) and epochs. Reports training samples/s and test FVU for both, and the ratio.
+One run, same machine, same embeddings, same width, k, batch size, schedule (linear warmup and
+`--lr-decay`) and epochs. Reports training samples/s, the encoder product's GFLOP/s at that rate
+against the product alone (the floor every trainer pays), and test FVU and L0 for both.
 
     .venv/bin/pip install -e '.[bench]'        # overcomplete==0.3.0 (benchmark-only)
     .venv/bin/python bench/bench_sae.py --threads 1   # synthetic 8000 + 2000 x 384 embeddings
-    .venv/bin/python bench/bench_sae.py --embeddings data/embeddings   # the extracted ones
+    .venv/bin/python bench/bench_sae.py --threads 1 --embeddings data/embeddings \
+        --arch topk --select-lr 1e-3,3e-3,1e-2 --lr-decay 0.2 --match-quality   # the real ones
 
 Fairness notes:
 - Our `train_sae` is timed whole (input normalisation, geometric-median init, the loop).
 - The peer gets its best case: inputs centred on the training mean and scaled by our
   `input_scale` (its decoder has no bias), its own `train_sae` loop with `monitoring=0` (no
   per-step metrics), a DataLoader over an in-memory TensorDataset, its default gradient clipping,
-  and plain MSE (its AuxK variant, `--peer-loss auxk`, decodes half of all latents densely and is
-  slower). FVU is scale-invariant, so both are compared on the same numbers.
+  and plain MSE for TopK and BatchTopK (its AuxK variant, `--peer-loss auxk`, decodes half of
+  all latents densely and is slower); JumpReLU gets our objective (normalised MSE + l0_coef x
+  L0) through its own Heaviside pseudo-gradient, its rectangle kernel at our bandwidth and its
+  thresholds starting at ours. FVU is scale-invariant, so both are compared on the same numbers.
+- The libraries parametrise their weights differently (ours: unit-norm encoder rows and
+  decoder columns, encoder = decoder^T at the start; overcomplete: PyTorch's default Linear
+  init and a Xavier dictionary renormalised in the forward pass), so one learning rate favours
+  one of them. `--select-lr` gives each its own best rate of a list, chosen on the val split;
+  FVU is then reported on test.
+- `--match-quality` answers "how long until the same quality": the fewest epochs at which ours
+  reaches the peer's median test FVU (its schedule scaled to those epochs), against the peer's
+  time for its full run.
 - One short untimed run of each comes first (one-time initialisation). Then runs alternate
   (ours, peer, ours, peer, ...); the table shows medians over `--repeats`, and the speed ratio
   is the median of per-run ratios (each run against the peer run after it), because these
@@ -62,16 +74,17 @@ def synthetic_embeddings(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     return x * torch.exp(0.3 * torch.randn(dim, generator=g))
 
 
-def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """train, val (for choosing learning rates), test, and a description."""
     if args.embeddings is not None:
         from pipeline.data.embeddings import read_embeddings
 
-        train = read_embeddings(args.embeddings / "train.parquet").x
-        test = read_embeddings(args.embeddings / "test.parquet").x
-        return train, test, f"{args.embeddings} ({train.shape[0]} + {test.shape[0]} x {train.shape[1]})"
-    x = synthetic_embeddings(args.n_train + args.n_test, args.dim, args.seed)
+        train, val, test = (read_embeddings(args.embeddings / f"{split}.parquet").x for split in ("train", "val", "test"))
+        return train, val, test, f"{args.embeddings} ({train.shape[0]} + {test.shape[0]} x {train.shape[1]})"
+    x = synthetic_embeddings(args.n_train + 2 * args.n_test, args.dim, args.seed)
     name = f"synthetic ({args.n_train} + {args.n_test} x {args.dim}, seed {args.seed})"
-    return x[: args.n_train], x[args.n_train :], name
+    n = args.n_train
+    return x[:n], x[n + args.n_test :], x[n : n + args.n_test], name
 
 
 def ours_params(args: argparse.Namespace, dim: int) -> SaeParams:
@@ -156,13 +169,13 @@ def run_peer(x_train: torch.Tensor, x_test: torch.Tensor, args: argparse.Namespa
     xs_train, xs_test = (x_train - mean) * scale, (x_test - mean) * scale
     torch.manual_seed(args.seed)
     model, criterion = peer_model_and_loss(oc, args, x_train.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.peer_lr)
     loader = DataLoader(TensorDataset(xs_train), batch_size=args.batch_size, shuffle=True)
     total = args.epochs * len(loader)
     # the same schedule as ours (pipeline.sae.training.learning_rate)
     schedule = ours_params(args, x_train.shape[1])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(schedule, step, total) / args.lr)
+        optimizer, lambda step: learning_rate(schedule, step, total) / args.lr)  # a factor on peer_lr
 
     start = time.perf_counter()
     oc.train_sae(model, loader, criterion, optimizer, scheduler, nb_epochs=args.epochs, monitoring=0, device="cpu")
@@ -219,7 +232,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="ours (and the peer's unless --peer-lr)")
+    parser.add_argument("--peer-lr", type=float, default=None, help="the peer's learning rate (default: --lr)")
+    parser.add_argument("--select-lr", type=str, default=None,
+                        help="comma-separated learning rates: each library runs each once and keeps the one with the "
+                             "lowest val FVU (the two parametrise their weights differently, so one rate does not fit both)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--lr-decay", type=float, default=0.0, help="final fraction of steps with linear decay to 0 (both)")
     parser.add_argument("--threshold-momentum", type=float, default=0.99, help="batchtopk (both)")
@@ -237,7 +254,9 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    x_train, x_test, name = load_embeddings(args)
+    if args.peer_lr is None:
+        args.peer_lr = args.lr
+    x_train, x_val, x_test, name = load_embeddings(args)
     dim = x_train.shape[1]
     log.info("embeddings: %s; %s, n_latents %d, k %d, epochs %d, batch %d, lr %g (decay %g), torch threads %d",
              name, args.arch, args.expansion * dim, args.k, args.epochs, args.batch_size, args.lr,
@@ -247,6 +266,16 @@ def main() -> None:
     warmup = argparse.Namespace(**{**vars(args), "epochs": 1})
     for runner in (run_ours, run_peer):
         runner(x_train[:1024], x_test[:256], warmup)
+
+    if args.select_lr:
+        candidates = [float(v) for v in args.select_lr.split(",")]
+        for label, runner, key in (("ours", run_ours, "lr"), ("overcomplete", run_peer, "peer_lr")):
+            val_fvu = {}
+            for lr in candidates:
+                val_fvu[lr] = runner(x_train, x_val, argparse.Namespace(**{**vars(args), "lr": lr, "peer_lr": lr})).fvu
+                log.info("lr selection %-12s lr %g: val FVU %.4f", label, lr, val_fvu[lr])
+            setattr(args, key, min(val_fvu, key=val_fvu.get))
+        log.info("selected on val: ours lr %g, overcomplete lr %g", args.lr, args.peer_lr)
 
     results: dict[str, list[Run]] = {"ours": [], "overcomplete": []}
     for repeat in range(args.repeats):
@@ -266,6 +295,7 @@ def main() -> None:
     flops_per_sample = 2 * dim * args.expansion * dim
     peer_name = f"overcomplete 0.3.0 {args.arch}" + (f" ({args.peer_loss})" if args.arch == "topk" else "")
     print()
+    print(f"\nlearning rates: ours {args.lr:g}, overcomplete {args.peer_lr:g}" + (" (chosen on val)" if args.select_lr else ""))
     print(f"| {args.arch} SAE, {args.epochs} epochs (median of {args.repeats} runs) | samples/s | "
           "encoder-product GFLOP/s | test FVU | test L0 |")
     print("|---|---:|---:|---:|---:|")

@@ -424,3 +424,33 @@ def test_stage_trains_with_sae_threads_and_restores_the_thread_count(in_tmp: Pat
     torch.set_num_threads(2)
     stage.run(tiny_params(sae={"expansion": 2, "k": 2, "epochs": 1, "batch_size": 32, "threads": 1}).sae)
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_the_learning_rate_warms_up_holds_and_decays_to_zero_over_the_final_fraction():
+    from pipeline.sae.training import learning_rate
+
+    constant = SaeParams(lr=1e-2, warmup_steps=10)
+    decaying = SaeParams(lr=1e-2, warmup_steps=10, lr_decay=0.25)
+    total = 100
+    rates = [learning_rate(decaying, step, total) for step in range(total)]
+    assert rates[0] == pytest.approx(1e-3) and rates[9] == pytest.approx(1e-2)  # warmup
+    assert rates[10:75] == pytest.approx([1e-2] * 65)  # held until the final quarter
+    assert rates[75] == pytest.approx(1e-2) and rates[99] == pytest.approx(1e-2 / 25)  # linear to ~0
+    assert all(a > b for a, b in zip(rates[75:], rates[76:]))
+    assert [learning_rate(constant, step, total) for step in range(10, total)] == pytest.approx([1e-2] * 90)
+    # the trainer follows it: the last step runs at the decayed rate
+    seen = []
+    original = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    x, _ = dictionary_data(256, 8, 16, 2, seed=0)
+    torch.optim.Adam.step = record
+    try:
+        train_sae(x, params(n_latents=16, k=2, epochs=2, batch_size=64, warmup_steps=2, lr=1e-2, lr_decay=0.5), "cpu")
+    finally:
+        torch.optim.Adam.step = original
+    assert seen == pytest.approx([learning_rate(params(lr=1e-2, warmup_steps=2, lr_decay=0.5, epochs=2), s, 8) for s in range(8)])
+    assert seen[-1] == pytest.approx(1e-2 / 4)
