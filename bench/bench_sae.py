@@ -97,6 +97,7 @@ def ours_params(args: argparse.Namespace, dim: int) -> SaeParams:
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         lr_decay=args.lr_decay,
+        aux_coef=args.aux_coef,
         seed=args.seed,
         device="cpu",
         batchtopk={"threshold_momentum": args.threshold_momentum},
@@ -239,6 +240,8 @@ def main() -> None:
                              "lowest val FVU (the two parametrise their weights differently, so one rate does not fit both)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--lr-decay", type=float, default=0.0, help="final fraction of steps with linear decay to 0 (both)")
+    parser.add_argument("--aux-coef", type=float, default=1 / 32,
+                        help="ours' AuxK coefficient (0: the peer's plain objective for topk and batchtopk)")
     parser.add_argument("--threshold-momentum", type=float, default=0.99, help="batchtopk (both)")
     parser.add_argument("--l0-coef", type=float, default=2e-3, help="jumprelu (both)")
     parser.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu (both)")

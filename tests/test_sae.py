@@ -219,7 +219,7 @@ def test_auxk_zero_without_dead_latents_and_only_touches_dead_ones():
     assert float(result.aux_loss) == 0.0 and float(result.loss) == float(plain.loss)
 
     dead = torch.ones(24, dtype=torch.bool)
-    dead[plain.indices.unique()] = False  # the latents this batch did not select
+    dead[plain.fired] = False  # the latents that did not fire in this batch
     assert bool(dead.any())
     result, grads = manual_step(sae, xs, dead, k_aux=4, aux_coef=1 / 32)
     assert float(result.aux_loss) > 0

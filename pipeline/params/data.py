@@ -25,15 +25,37 @@ class SyntheticParams(Section):
     """Standard deviation of the per-pixel Gaussian noise (images in [0, 1])."""
 
 
+class HuggingFaceParams(Section):
+    """`data.source: huggingface`: a data set of the `datasets` library, from the hub or saved."""
+
+    name: str | None = None
+    """Hub name (e.g. `uoft-cs/cifar100`), loaded with `datasets.load_dataset` (needs the network
+    the first time; `datasets` caches it under HF_HOME). Ignored when `data.path` names a data
+    set saved with `save_to_disk`, which is read instead, offline."""
+    revision: str | None = None
+    """Hub revision (a commit hash pins the exact files); null: the default branch."""
+    image_column: str = "image"
+    """Column of images (`datasets.Image`, or PNG/JPEG bytes). CIFAR-100 on the hub: `img`."""
+    label_column: str = "label"
+    """Column of integer labels; a `ClassLabel` feature gives the class names. CIFAR-100 on
+    the hub: `fine_label` (100 classes) or `coarse_label` (20)."""
+    train_split: str = "train"
+    """The split the training (and validation) images come from."""
+    test_split: str = "test"
+    """The split the test images come from."""
+
+
 class DataParams(Section):
     """`download`: where the images come from; writes data/dataset/{train,test}.parquet."""
 
-    source: Literal["synthetic", "imagefolder", "cifar100"] = "synthetic"
-    """`synthetic` (offline default), `imagefolder` (a SPLIT/CLASS/*.png tree at `path`) or
-    `cifar100` (torchvision's download, checksum-verified, cached under `path`)."""
+    source: Literal["synthetic", "imagefolder", "cifar100", "huggingface"] = "synthetic"
+    """`synthetic` (offline default), `imagefolder` (a SPLIT/CLASS/*.png tree at `path`),
+    `cifar100` (torchvision's download, checksum-verified, cached under `path`) or
+    `huggingface` (a `datasets` data set: `huggingface.name` on the hub, or saved at `path`)."""
     path: Path | None = None
     """`imagefolder`: the root holding `train/` and `test/`. `cifar100`: the download cache
-    directory (default `data/raw`)."""
+    directory (default `data/raw`). `huggingface`: a data set saved with `save_to_disk` (a
+    `DatasetDict` with the two splits); null loads `huggingface.name` from the hub."""
     class_names: Path | None = None
     """`imagefolder` with class folders named by an ID (e.g. WordNet IDs): a file of
     `ID<TAB>name` lines giving the names reports and plots show (ImageNet's words.txt works: the
@@ -50,11 +72,15 @@ class DataParams(Section):
     """Seed of the synthetic generator and of the validation draw."""
     synthetic: SyntheticParams = SyntheticParams()
     """Shape of the synthetic data set (used only when `source` is `synthetic`)."""
+    huggingface: HuggingFaceParams = HuggingFaceParams()
+    """The `datasets` data set and its columns (used only when `source` is `huggingface`)."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
         if self.source == "imagefolder" and self.path is None:
             raise ValueError("source 'imagefolder' needs `path` (a folder with train/ and test/)")
+        if self.source == "huggingface" and self.path is None and self.huggingface.name is None:
+            raise ValueError("source 'huggingface' needs `huggingface.name` (a hub data set) or `path` (one saved with save_to_disk)")
         if self.class_names is not None and self.source != "imagefolder":
             raise ValueError(f"`class_names` names image folders: it needs source 'imagefolder', not {self.source!r}")
         return self

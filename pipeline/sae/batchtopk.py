@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, normalized_mse, sparse_from_dense
+from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, firing, normalized_mse, sparse_from_dense
 
 FORMAT_VERSION = 1
 DEFAULT_PREFIXES = [0.0625, 0.25, 1.0]
@@ -28,11 +28,16 @@ DEFAULT_PREFIXES = [0.0625, 0.25, 1.0]
 def batch_topk(pre: Tensor, k: int) -> Tensor:
     """(B, L) ReLU'd pre-activations -> dense codes keeping the k * B largest entries of the
     whole batch (zeros stay zero, so a batch with fewer positive entries keeps fewer)."""
+    return batch_topk_kept(pre, k)[0]
+
+
+def batch_topk_kept(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`batch_topk`'s codes and the (k * B,) kept values (what the threshold is estimated from)."""
     flat = pre.flatten()
     keep = min(k * pre.shape[0], flat.numel())
-    chosen = flat.detach().topk(keep, sorted=False).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter(0, chosen, True)
-    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(pre)
+    kept = flat.detach().topk(keep, sorted=False)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept.indices, True)
+    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(pre), kept.values
 
 
 class BatchTopKSAE(LinearSAE):
@@ -54,9 +59,9 @@ class BatchTopKSAE(LinearSAE):
     def train_codes(self, pre: Tensor, momentum: float) -> Tensor:
         """Training codes from ReLU'd pre-activations; moves the inference threshold towards
         the batch's smallest kept value (the first batch sets it: it starts at 0, unset)."""
-        z = batch_topk(pre, self.k)
+        z, kept = batch_topk_kept(pre, self.k)
         with torch.no_grad():
-            kept = z[z > 0]
+            kept = kept[kept > 0]  # the kept codes that are on (a short vector: no pass over z)
             if kept.numel():
                 smallest = kept.min()
                 self.threshold.copy_(smallest if not bool(self.threshold > 0) else momentum * self.threshold + (1 - momentum) * smallest)
@@ -71,8 +76,7 @@ class BatchTopKSAE(LinearSAE):
         z = self.train_codes(pre, objective.threshold_momentum)
         loss, x_hat = self.reconstruction_loss(z, xs)
         aux = auxk_loss(pre, xs, x_hat, dead, self, objective.k_aux) if objective.aux_coef > 0 else pre.new_zeros(())
-        values, indices = sparse_from_dense(z.detach())
-        return LossTerms(loss + objective.aux_coef * aux, aux, (x_hat - xs).square().sum(), values, indices)
+        return LossTerms(loss + objective.aux_coef * aux, aux, (x_hat - xs).square().sum(), *firing(z))
 
     def config(self) -> dict[str, Any]:
         # the threshold is a buffer, stored with the weights

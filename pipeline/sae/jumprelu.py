@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.sae.linear import LinearSAE, LossTerms, Objective, normalized_mse, sparse_from_dense
+from pipeline.sae.linear import LinearSAE, LossTerms, Objective, firing, normalized_mse, sparse_from_dense
 
 FORMAT_VERSION = 1
 DEFAULT_BANDWIDTH = 0.05
@@ -94,8 +94,7 @@ class JumpReLUSAE(LinearSAE):
         x_hat = self.decode_scaled(z)
         l0 = StepFn.apply(pre, theta, self.bandwidth).sum(1).mean()
         penalty = objective.l0_coef * l0
-        values, indices = sparse_from_dense(z.detach())
-        return LossTerms(normalized_mse(x_hat, xs) + penalty, penalty, (x_hat - xs).square().sum(), values, indices)
+        return LossTerms(normalized_mse(x_hat, xs) + penalty, penalty, (x_hat - xs).square().sum(), *firing(z))
 
     def config(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "format_version": FORMAT_VERSION, **self.base_config(), "bandwidth": self.bandwidth}

@@ -48,9 +48,23 @@ class LossTerms(NamedTuple):
     """The auxiliary term (AuxK, or a sparsity penalty), already inside `loss`; for the log."""
     sq_err: Tensor
     """sum ||x_hat - x||^2 of the main reconstruction (normalised space)."""
-    values: Tensor
-    """(N, m) the batch's codes as (values, indices), padding 0: what the dead-latent tracker sees."""
-    indices: Tensor
+    fired: Tensor
+    """(n_latents,) bool: the latents with a positive code in the batch (the dead-latent tracker's input)."""
+    active: Tensor
+    """The number of positive codes in the batch (the L0 log's input)."""
+
+
+def firing(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(fired, active) of dense (N, n_latents) codes, for LossTerms."""
+    on = z.detach() > 0
+    return on.any(dim=0), on.sum()
+
+
+def firing_sparse(values: Tensor, indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """(fired, active) of codes given as (values, indices), for LossTerms."""
+    on = (values.detach() > 0).to(values.dtype)
+    counts = torch.zeros(n_latents, dtype=values.dtype, device=values.device)
+    return counts.index_add_(0, indices.reshape(-1), on.reshape(-1)) > 0, on.sum()
 
 
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -199,7 +213,9 @@ def auxk_loss(pre: Tensor, xs: Tensor, x_hat: Tensor, dead: Tensor, sae: LinearS
     min(k_aux, #dead) ReLU'd pre-activations among dead latents; 0 without dead latents."""
     if not bool(dead.any()):
         return torch.zeros((), dtype=xs.dtype, device=xs.device)
-    masked = torch.where(dead, pre.relu(), torch.zeros_like(pre))
-    top = masked.topk(min(k_aux, int(dead.sum())), dim=1)
-    z_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values)
-    return normalized_mse(z_aux @ sae.W_dec.T, (xs - x_hat).detach())
+    # only the dead columns: usually a small fraction, so the top-k and the decode shrink with it
+    dead_ids = dead.nonzero().squeeze(1)
+    sub = pre[:, dead_ids].relu()
+    top = sub.topk(min(k_aux, dead_ids.numel()), dim=1)
+    z_aux = torch.zeros_like(sub).scatter(1, top.indices, top.values)
+    return normalized_mse(z_aux @ sae.W_dec[:, dead_ids].T, (xs - x_hat).detach())

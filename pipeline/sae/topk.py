@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, normalized_mse
+from pipeline.sae.linear import LinearSAE, LossTerms, Objective, auxk_loss, firing_sparse, normalized_mse
 
 FORMAT = "topk_sae"
 FORMAT_VERSION = 1
@@ -79,7 +79,8 @@ class TopKSAE(LinearSAE):
         values = pre.gather(1, indices)
         x_hat = self.decode_scaled(torch.zeros_like(pre).scatter(1, indices, values))
         aux = auxk_loss(pre, xs, x_hat, dead, self, objective.k_aux) if objective.aux_coef > 0 else pre.new_zeros(())
-        return LossTerms(normalized_mse(x_hat, xs) + objective.aux_coef * aux, aux, (x_hat - xs).square().sum(), values, indices)
+        return LossTerms(normalized_mse(x_hat, xs) + objective.aux_coef * aux, aux, (x_hat - xs).square().sum(),
+                         *firing_sparse(values, indices, self.n_latents))
 
     def config(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.base_config(), "k": self.k}

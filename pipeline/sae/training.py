@@ -34,7 +34,7 @@ from pipeline.progress import progress
 from pipeline.sae.base import SparseAutoencoder, normalize_rows_
 from pipeline.sae.batchtopk import BatchTopKSAE, MatryoshkaSAE, prefix_sizes
 from pipeline.sae.jumprelu import JumpReLUSAE
-from pipeline.sae.linear import LinearSAE, Objective
+from pipeline.sae.linear import LinearSAE, Objective, firing_sparse
 from pipeline.sae.topk import FrozenRandomSAE, TopKSAE, topk_lowest_index
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,10 @@ class _StepResult(NamedTuple):
     loss: Tensor
     aux_loss: Tensor
     sq_err: Tensor
-    values: Tensor
-    indices: Tensor
+    fired: Tensor
+    """(n_latents,) bool: latents with a positive code in the batch."""
+    active: Tensor
+    """Positive codes in the batch."""
 
 
 @torch.no_grad()
@@ -206,7 +208,7 @@ def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int
     # b_dec is added after decoding and subtracted before encoding (xc = x - b_dec); the
     # encoder's gradient w.r.t. xc, summed over samples, is grad(b_enc) @ W_enc
     grads.b_dec.add_(grad_x_hat.sum(dim=0)).sub_(grads.b_enc @ sae.W_enc)
-    return _StepResult(loss + aux_coef * aux, aux, sq_err, values, indices)
+    return _StepResult(loss + aux_coef * aux, aux, sq_err, *firing_sparse(values, indices, sae.n_latents))
 
 
 # ------------------------------------------------------------------------ training: the loop
@@ -251,12 +253,9 @@ class _DeadTracker:
     def dead(self) -> Tensor:
         return self.since >= self.window
 
-    def update(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Record a batch; return the (n_latents,) mask of latents that fired in it."""
-        counts = torch.zeros(self.since.shape, dtype=values.dtype, device=values.device)
-        fired = counts.index_add_(0, indices.reshape(-1), (values > 0).to(values.dtype).reshape(-1)) > 0
-        self.since.add_(values.shape[0]).masked_fill_(fired, 0)
-        return fired
+    def update(self, fired: Tensor, n_samples: int) -> None:
+        """Record a batch of `n_samples` in which the latents of the `fired` mask fired."""
+        self.since.add_(n_samples).masked_fill_(fired, 0)
 
 
 def build_sae(params: SaeParams, dim: int, n_latents: int, input_scale: float) -> LinearSAE:
@@ -345,14 +344,14 @@ def _autograd_step(sae: LinearSAE, params: SaeParams, objective: Objective, devi
         if optimizer is None:  # the frozen control: the objective only, for the record
             with torch.no_grad():
                 terms = sae.training_loss(xb, dead, objective)
-            return _StepResult(terms.loss, terms.aux_loss, terms.sq_err, terms.values, terms.indices)
+            return _StepResult(*terms)
         optimizer.zero_grad(set_to_none=False)
         terms = sae.training_loss(xb, dead, objective)
         terms.loss.backward()
         sae.remove_parallel_grad_()
         optimizer.step()
         sae.after_step()
-        return _StepResult(terms.loss.detach(), terms.aux_loss.detach(), terms.sq_err.detach(), terms.values, terms.indices)
+        return _StepResult(terms.loss.detach(), terms.aux_loss.detach(), terms.sq_err.detach(), terms.fired, terms.active)
 
     return step, optimizer, lambda: sae.zero_grad(set_to_none=True)
 
@@ -414,9 +413,9 @@ def train_sae(
             result = step_fn(xb, tracker.dead())
 
             with torch.no_grad():
-                fired_epoch |= tracker.update(result.values, result.indices)
-                active = (result.values > 0).sum()
-                sums += torch.stack([result.loss, result.aux_loss, result.sq_err, active]).double()
+                tracker.update(result.fired, xb.shape[0])
+                fired_epoch |= result.fired
+                sums += torch.stack([result.loss, result.aux_loss, result.sq_err, result.active.to(result.loss.dtype)]).double()
             n_batches += 1
             step += 1
 
