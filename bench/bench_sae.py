@@ -81,10 +81,10 @@ def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tenso
 
         train, val, test = (read_embeddings(args.embeddings / f"{split}.parquet").x for split in ("train", "val", "test"))
         return train, val, test, f"{args.embeddings} ({train.shape[0]} + {test.shape[0]} x {train.shape[1]})"
-    x = synthetic_embeddings(args.n_train + 2 * args.n_test, args.dim, args.seed)
+    x = synthetic_embeddings(args.n_train + args.n_test, args.dim, args.seed)
+    val = synthetic_embeddings(args.n_test, args.dim, args.seed + 1)  # train and test as before --select-lr
     name = f"synthetic ({args.n_train} + {args.n_test} x {args.dim}, seed {args.seed})"
-    n = args.n_train
-    return x[:n], x[n + args.n_test :], x[n : n + args.n_test], name
+    return x[: args.n_train], val, x[args.n_train :], name
 
 
 def ours_params(args: argparse.Namespace, dim: int) -> SaeParams:
