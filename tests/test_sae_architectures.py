@@ -226,7 +226,7 @@ def test_jumprelu_l0_penalty_lowers_l0():
     loose, _ = train_sae(DATA, params("jumprelu", epochs=10, jumprelu={"l0_coef": 0.0, "init_threshold": 0.5}), "cpu")
     tight, _ = train_sae(DATA, params("jumprelu", epochs=10, jumprelu={"l0_coef": 0.2, "init_threshold": 0.5}), "cpu")
     assert evaluate_sae(tight, HELD_OUT)["l0"] < 0.8 * evaluate_sae(loose, HELD_OUT)["l0"]
-    assert float(tight.threshold().mean()) > float(loose.threshold().mean()) + 0.1  # the thresholds rose
+    assert float(tight.threshold().detach().mean()) > float(loose.threshold().detach().mean()) + 0.1  # the thresholds rose
     assert isinstance(tight, JumpReLUSAE)
 
 

@@ -20,7 +20,7 @@ def test_every_data_source_module_is_registered_under_the_name_params_accept():
 
     registry = sources.registry()
     assert set(registry) == set(typing.get_args(DataParams.model_fields["source"].annotation))
-    assert set(registry) == {"synthetic", "imagefolder", "cifar100"}
+    assert set(registry) == {"synthetic", "imagefolder", "cifar100", "huggingface"}
 
 
 def test_a_new_source_file_is_found_by_its_name(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_a_new_source_file_is_found_by_its_name(tmp_path, monkeypatch):
     (package / "tiny.py").write_text("NAME = 'tiny'\n\n\ndef open_split(data, split, workers):\n    return ('tiny', split)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     found = sources.registry([str(package)], "more_sources")
-    assert set(found) == {"synthetic", "imagefolder", "cifar100", "tiny"}
+    assert set(found) == {"synthetic", "imagefolder", "cifar100", "huggingface", "tiny"}
     assert found["tiny"](None, "train", 1) == ("tiny", "train")
     (package / "twin.py").write_text("NAME = 'tiny'\n\n\ndef open_split(data, split, workers):\n    return None\n")
     with pytest.raises(TypeError, match="source name 'tiny' is taken"):
