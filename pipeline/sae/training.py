@@ -34,7 +34,7 @@ from pipeline.progress import progress
 from pipeline.sae.base import SparseAutoencoder, normalize_rows_
 from pipeline.sae.batchtopk import BatchTopKSAE, MatryoshkaSAE, prefix_sizes
 from pipeline.sae.jumprelu import JumpReLUSAE
-from pipeline.sae.linear import LinearSAE, Objective, firing_sparse
+from pipeline.sae.linear import LinearSAE, LossTerms, Objective, firing_sparse
 from pipeline.sae.topk import FrozenRandomSAE, TopKSAE, topk_lowest_index
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,9 @@ def dead_topk(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
     return sub, dead_ids.expand(pre.shape[0], -1).contiguous()
 
 
-class _StepResult(NamedTuple):
-    loss: Tensor
-    aux_loss: Tensor
-    sq_err: Tensor
-    fired: Tensor
-    """(n_latents,) bool: latents with a positive code in the batch."""
-    active: Tensor
-    """Positive codes in the batch."""
-
-
 @torch.no_grad()
 def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int, aux_coef: float,
-                grads: _Grads, pre_buffer: Tensor) -> _StepResult:
+                grads: _Grads, pre_buffer: Tensor) -> LossTerms:
     """Forward and backward of normalized_mse + aux_coef * AuxK on one scaled batch.
 
     Fills `grads` (zeroed here); `rows` is the (n_latents, dim) decoder. AuxK (OpenAI's):
@@ -208,7 +198,7 @@ def _train_step(sae: TopKSAE, rows: Tensor, xb: Tensor, dead: Tensor, k_aux: int
     # b_dec is added after decoding and subtracted before encoding (xc = x - b_dec); the
     # encoder's gradient w.r.t. xc, summed over samples, is grad(b_enc) @ W_enc
     grads.b_dec.add_(grad_x_hat.sum(dim=0)).sub_(grads.b_enc @ sae.W_enc)
-    return _StepResult(loss + aux_coef * aux, aux, sq_err, *firing_sparse(values, indices, sae.n_latents))
+    return LossTerms(loss + aux_coef * aux, aux, sq_err, *firing_sparse(values, indices, sae.n_latents))
 
 
 # ------------------------------------------------------------------------ training: the loop
@@ -305,7 +295,7 @@ def learning_rate(params: SaeParams, step: int, total_steps: int) -> float:
     return lr
 
 
-TrainStep = Callable[[Tensor, Tensor], _StepResult]
+TrainStep = Callable[[Tensor, Tensor], LossTerms]
 """(scaled batch, dead mask) -> the step's loss terms, after the weights moved."""
 
 
@@ -321,7 +311,7 @@ def _fast_step(sae: TopKSAE, params: SaeParams, objective: Objective, batch_size
     pre_buffer = torch.empty(batch_size, sae.n_latents, device=device)
     optimizer = torch.optim.Adam(weights, lr=params.lr, fused=device.type in ("cpu", "cuda"))
 
-    def step(xb: Tensor, dead: Tensor) -> _StepResult:
+    def step(xb: Tensor, dead: Tensor) -> LossTerms:
         result = _train_step(sae, rows, xb, dead, objective.k_aux, objective.aux_coef, grads, pre_buffer)
         optimizer.step()
         normalize_rows_(rows)
@@ -340,18 +330,18 @@ def _autograd_step(sae: LinearSAE, params: SaeParams, objective: Objective, devi
     fused = device.type in ("cpu", "cuda")  # one kernel for all parameters, as the fast path
     optimizer = torch.optim.Adam(trainable, lr=params.lr, fused=fused) if trainable else None
 
-    def step(xb: Tensor, dead: Tensor) -> _StepResult:
+    def step(xb: Tensor, dead: Tensor) -> LossTerms:
         if optimizer is None:  # the frozen control: the objective only, for the record
             with torch.no_grad():
                 terms = sae.training_loss(xb, dead, objective)
-            return _StepResult(*terms)
+            return terms
         optimizer.zero_grad(set_to_none=False)
         terms = sae.training_loss(xb, dead, objective)
         terms.loss.backward()
         sae.remove_parallel_grad_()
         optimizer.step()
         sae.after_step()
-        return _StepResult(terms.loss.detach(), terms.aux_loss.detach(), terms.sq_err.detach(), terms.fired, terms.active)
+        return terms._replace(loss=terms.loss.detach(), aux_loss=terms.aux_loss.detach(), sq_err=terms.sq_err.detach())
 
     return step, optimizer, lambda: sae.zero_grad(set_to_none=True)
 
