@@ -14,17 +14,22 @@ the stages that read the data set rerun only if its bytes change.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from pipeline.data.dataset import (
     SPLITS,
     SplitSource,
     carve_validation,
     default_workers,
+    encode_png,
     split_path,
     split_summary,
     write_split,
@@ -35,6 +40,20 @@ from pipeline.params.data import DataParams
 log = logging.getLogger(__name__)
 
 OpenSplit = Callable[[DataParams, str, int], SplitSource]
+
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What `rgb_png` raises for bytes that are not a readable image."""
+
+
+def rgb_png(data: bytes) -> tuple[bytes, tuple[int, int]]:
+    """One encoded image, fully decoded (catches truncated or corrupt files): its PNG bytes (as-is
+    when already an RGB PNG, else re-encoded as RGB) and (H, W). For the sources' own loaders."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        size = (img.height, img.width)
+        if img.format == "PNG" and img.mode == "RGB":
+            return bytes(data), size
+        return encode_png(np.asarray(img.convert("RGB"))), size
 
 
 def registry(path: list[str] | None = None, package: str = __name__) -> dict[str, OpenSplit]:

@@ -9,7 +9,6 @@ The image and label columns are params; the class names come from the label colu
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.dataset import Record, SplitSource, encode_png, first_per_class, map_ordered
+from pipeline.data.sources import IMAGE_ERRORS, rgb_png
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params.data import DataParams
 
@@ -98,13 +98,8 @@ def _png(value: Any, where: str) -> tuple[bytes, tuple[int, int]]:
     if not isinstance(raw, bytes | bytearray):
         raise PipelineError(f"huggingface: {where} is not an image ({type(value).__name__})")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            size = (img.height, img.width)
-            if img.format == "PNG" and img.mode == "RGB":
-                return bytes(raw), size
-            return encode_png(np.asarray(img.convert("RGB"))), size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return rgb_png(bytes(raw))
+    except IMAGE_ERRORS as exc:
         raise PipelineError(f"huggingface: {where} cannot be read as an image ({exc})") from None
 
 

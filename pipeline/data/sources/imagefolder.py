@@ -4,15 +4,12 @@ with class names from the folder names or, for folders named by an ID (WordNet I
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from pipeline.data.dataset import SPLITS, Record, SplitSource, encode_png, first_per_class, map_ordered
+from pipeline.data.dataset import SPLITS, Record, SplitSource, first_per_class, map_ordered
+from pipeline.data.sources import IMAGE_ERRORS, rgb_png
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params.data import DataParams
 
@@ -60,14 +57,8 @@ def imagefolder_files(root: Path, split: str, class_names: Sequence[str]) -> lis
 def _load_image_file(path: Path) -> tuple[bytes, tuple[int, int]]:
     """Read and fully decode one image file; PNG bytes (as-is when already an RGB PNG)."""
     try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # a full decode: catches truncated or corrupt files
-            size = (img.height, img.width)
-            if img.format == "PNG" and img.mode == "RGB":
-                return data, size
-            return encode_png(np.asarray(img.convert("RGB"))), size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return rgb_png(path.read_bytes())
+    except IMAGE_ERRORS as exc:
         raise PipelineError(f"imagefolder: {path} cannot be read as an image ({exc})") from None
 
 
