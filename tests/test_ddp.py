@@ -39,11 +39,11 @@ def test_two_process_torchrun_finetune_writes_the_same_kind_of_outputs(in_tmp):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
-    assert set(json.loads(Path("metrics/finetune.json").read_text())) == {"test_accuracy", "head_usage", "gflops"}
+    assert set(json.loads(Path("metrics/finetune/metrics.json").read_text())) == {"test_accuracy", "head_usage", "gflops", "step"}
     metrics = json.loads(Path("metrics/details/finetune.json").read_text())
     assert {"test_accuracy", "head_usage", "head_usage_per_block"} <= set(metrics)
     assert len(metrics["head_usage_per_block"]) == 2
-    assert [row["epoch"] for row in json.loads(Path("metrics/plots/finetune_loss.json").read_text())] == [1, 2]
+    assert Path("metrics/finetune/plots/metrics/train_loss.tsv").read_text().split()[::2] == ["step", "1", "2"]  # rank 0 logged each epoch once
     model, config = load_gated_vit("models/vit")
     # the weights moved away from the seeded initialisation (both ranks trained one model)
     torch.manual_seed(params.finetune.seed)

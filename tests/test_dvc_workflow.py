@@ -30,7 +30,7 @@ from pipeline.steering.strategies import STRATEGIES
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
 
-ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report"}
+ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report", "explorer"}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -139,12 +139,12 @@ def test_a_configuration_runs_as_an_experiment_and_a_report_param_reruns_report_
     assert row["params"]["interpret.card_latents"] == 1 and row["params"]["sae.k"] == TINY_PARAMS["sae"]["k"]
     metrics = row["metrics"]
     for column in [
-        "metrics/finetune.json:test_accuracy",
-        "metrics/finetune.json:head_usage",
-        "metrics/finetune.json:gflops",
-        "metrics/sae.json:fvu",
-        "metrics/sae.json:l0",
-        "metrics/sae.json:dead_fraction",
+        "metrics/finetune/metrics.json:test_accuracy",
+        "metrics/finetune/metrics.json:head_usage",
+        "metrics/finetune/metrics.json:gflops",
+        "metrics/sae/metrics.json:fvu",
+        "metrics/sae/metrics.json:l0",
+        "metrics/sae/metrics.json:dead_fraction",
         "metrics/latent_stats.json:overlap",
         "metrics/latent_stats.json:jaccard",
         "metrics/interpret.json:purity",
@@ -154,7 +154,7 @@ def test_a_configuration_runs_as_an_experiment_and_a_report_param_reruns_report_
         "metrics/ceiling.json:ceiling_drop",
     ]:
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
-    assert metrics["metrics/sae.json:l0"] == TINY_PARAMS["sae"]["k"]
+    assert metrics["metrics/sae/metrics.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
     assert len(metrics) == 13, sorted(metrics)  # the 13 above, exactly
     commit(repo, "alt applied")
@@ -185,7 +185,7 @@ def _exp_show(repo: Path) -> dict[str, dict[str, dict[str, Any]]]:
 # ------------------------------------------------------------------------------- sharing
 # ---------------------------------------------------------------------- what a user opens
 PLOT_IDS = [
-    "finetune_accuracy", "finetune_loss", "finetune_block_usage", "sae_fvu", "sae_dead", "class_overlap",
+    "finetune_accuracy", "finetune_loss", "finetune_gflops", "finetune_block_usage", "sae_fvu", "sae_dead", "class_overlap",
     "steer_accuracy", "steer_usage", "steer_class_usage",
     "metrics/plots/overlap_heatmap.png", "metrics/plots/firing_frequency.png", "metrics/plots/steer_curves.png",
     "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png", "metrics/plots/latent_grid.png",
@@ -390,7 +390,8 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     assert [n for n, c in closures.items() if c & source_files] == ["download"]
     assert [n for n, c in closures.items() if "pipeline/sae/training.py" in c] == ["train_sae"]
     assert "pipeline/model/training.py" not in closures["extract"]
-    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "report"}
+    assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "ceiling",
+                                                                               "report", "explorer"}
     # each params section's code is a dependency of exactly the stages that read it
     readers = {name: {n for n, c in closures.items() if f"pipeline/params/{name}.py" in c}
                for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer", "ceiling")}
@@ -427,7 +428,7 @@ def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
 @pytest.mark.slow
 def test_an_sae_param_reruns_train_sae_latent_stats_interpret_steer_and_report_only(project):
     set_param(project.repo, "sae", "seed", 1)
-    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer", "report"}
+    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer", "report", "explorer"}
     commit(project.repo, "sae seed")
 
 
@@ -443,7 +444,7 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
         + "\n\n_run = run\n\n\ndef run(cfg):\n"
         + "    _run(cfg.model_copy(update={'top_k': 3}))\n"
     )
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer", "report"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer", "report", "explorer"}
     top_sets = json.loads((repo / "data/stats/top_sets.json").read_text())
     assert len(top_sets["global"]) == 3
     commit(repo, "latent_stats edited")
@@ -564,7 +565,7 @@ def test_the_documented_sweep_runs_every_value_through_the_queue(project):
     runs = [row for row in _exp_show(repo).values() if row["params"].get("sae.k") in (2, 8) and row["metrics"]]
     assert sorted(row["params"]["sae.k"] for row in runs) == [2, 8]
     for row in runs:  # each experiment's own SAE: exactly k latents active per sample
-        assert row["metrics"]["metrics/sae.json:l0"] == row["params"]["sae.k"]
+        assert row["metrics"]["metrics/sae/metrics.json:l0"] == row["params"]["sae.k"]
 
 
 @pytest.mark.slow

@@ -370,18 +370,20 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     p = tiny_params(sae={"expansion": 2, "k": 3, "epochs": 3, "batch_size": 32})
 
     stage.run(p.sae)
-    headline = json.loads(Path("metrics/sae.json").read_text())
+    headline = json.loads(Path("metrics/sae/metrics.json").read_text())
     metrics = json.loads(Path("metrics/details/sae.json").read_text())
-    assert headline == {key: metrics["test"][key] for key in ("fvu", "l0", "dead_fraction")}
+    assert headline == {**{key: metrics["test"][key] for key in ("fvu", "l0", "dead_fraction")}, "step": 3}
     assert set(metrics["train"]) == set(metrics["test"]) == {"mse", "fvu", "l0", "dead_fraction"}
     assert metrics["n_latents"] == 16 and metrics["k"] == 3 and metrics["epochs"] == 3
     assert 0 < metrics["test"]["fvu"] < 1.5 and 0 < metrics["test"]["l0"] <= 3
     curves = metrics["history"]
     assert [row["epoch"] for row in curves] == [1, 2, 3]
     assert {"loss", "train_fvu", "test_fvu", "dead_fraction"} <= set(curves[0])
-    fvu = json.loads(Path("metrics/plots/sae_fvu.json").read_text())
-    assert [(r["epoch"], r["series"]) for r in fvu if r["series"] == "test FVU"] == [(1, "test FVU"), (2, "test FVU"), (3, "test FVU")]
-    assert [r["fvu"] for r in fvu if r["series"] == "test FVU"] == [row["test_fvu"] for row in curves]
+    # the DVCLive curves: one TSV per scalar, a row per epoch, the history's values
+    fvu = Path("metrics/sae/plots/metrics/test_fvu.tsv").read_text().splitlines()
+    assert fvu == ["step\ttest_fvu", *(f"{row['epoch']}\t{row['test_fvu']}" for row in curves)]
+    dead = Path("metrics/sae/plots/metrics/train_dead_fraction.tsv").read_text().splitlines()
+    assert [float(line.split()[1]) for line in dead[1:]] == [row["dead_fraction"] for row in curves]
 
     sae = load_sae("models/sae")
     config = json.loads(Path("models/sae/config.json").read_text())
@@ -391,7 +393,7 @@ def test_stage_writes_model_metrics_and_curves(in_tmp: Path, tiny_params):
     assert evaluate_sae(sae, test_x)["fvu"] == pytest.approx(metrics["test"]["fvu"], rel=1e-5)
 
     # same params on the CPU: byte-identical outputs
-    before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae.json", "metrics/details/sae.json", "metrics/plots/sae_fvu.json",
+    before = {p_: p_.read_bytes() for p_ in map(Path, ["metrics/sae/metrics.json", "metrics/details/sae.json", "metrics/sae/plots/metrics/test_fvu.tsv",
                                                        "models/sae/model.safetensors", "models/sae/config.json"])}
     stage.run(p.sae)
     assert all(path.read_bytes() == data for path, data in before.items())
@@ -405,7 +407,7 @@ def test_stage_rejects_k_above_width_before_writing(in_tmp: Path, tiny_params):
     write_embeddings(Path("data/embeddings/test.parquet"), x, "test")
     with pytest.raises(ParamsError, match=r"sae\.k = 9"):
         stage.run(tiny_params(sae={"expansion": 2, "k": 9}).sae)
-    assert not Path("models/sae").exists() and not Path("metrics/sae.json").exists()
+    assert not Path("models/sae").exists() and not Path("metrics/sae/metrics.json").exists()
 
 
 

@@ -7,15 +7,18 @@ from pipeline.layout import download
 MODEL = Path("models/vit")
 """model.safetensors + config.json."""
 MODEL_CONFIG = MODEL / "config.json"
-METRICS = Path("metrics/finetune.json")
-"""Headline numbers only (what `dvc exp show` lists): test accuracy, final-block head usage."""
+LOG = Path("metrics/finetune")
+"""The per-epoch DVCLive log (pipeline.report.live): its summary and its curves."""
+METRICS = LOG / "metrics.json"
+"""Headline numbers only (what `dvc exp show` lists): test accuracy, final-block head usage,
+GFLOPs per image; rewritten after every epoch while training runs, then from the final model."""
+CURVES = LOG / "plots"
+"""One TSV per epoch-level scalar (train loss and accuracy, test accuracy, head usage, GFLOPs)
+and the head usage of every gated block (custom/head_usage_per_block.json)."""
 DETAILS = Path("metrics/details/finetune.json")
 """Everything else about the trained model: usage per block and per head, epochs, classes."""
-ACCURACY_CURVES = Path("metrics/plots/finetune_accuracy.json")
-LOSS_CURVE = Path("metrics/plots/finetune_loss.json")
-BLOCK_USAGE_CURVES = Path("metrics/plots/finetune_block_usage.json")
 CHECKPOINT = Path("models/vit_ckpt/last.pt")
 """The per-epoch resume checkpoint: private scratch (git-ignored), deliberately not a DVC output."""
 
 READS = (download.DATASET,)
-WRITES = (MODEL, METRICS, DETAILS, ACCURACY_CURVES, LOSS_CURVE, BLOCK_USAGE_CURVES)
+WRITES = (MODEL, METRICS, DETAILS, CURVES)

@@ -7,12 +7,15 @@ from pipeline.layout import extract
 SAE = Path("models/sae")
 """model.safetensors + config.json."""
 SAE_CONFIG = SAE / "config.json"
-METRICS = Path("metrics/sae.json")
-"""Headline numbers only: FVU, L0 and dead fraction on the test split."""
+LOG = Path("metrics/sae")
+"""The per-epoch DVCLive log (pipeline.report.live): its summary and its curves."""
+METRICS = LOG / "metrics.json"
+"""Headline numbers only: FVU, L0 and dead fraction on the test split (while training runs,
+the test FVU after each epoch)."""
+CURVES = LOG / "plots"
+"""One TSV per epoch-level scalar: loss, AuxK loss, train and test FVU, L0, dead fraction."""
 DETAILS = Path("metrics/details/sae.json")
 """Both splits' MSE, FVU, L0 and dead fraction; the SAE's shape; the per-epoch history."""
-FVU_CURVES = Path("metrics/plots/sae_fvu.json")
-DEAD_CURVE = Path("metrics/plots/sae_dead.json")
 
 READS = (extract.EMBEDDINGS,)
-WRITES = (SAE, METRICS, DETAILS, FVU_CURVES, DEAD_CURVE)
+WRITES = (SAE, METRICS, DETAILS, CURVES)

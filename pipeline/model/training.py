@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,15 @@ def train(
     device: torch.device,
     dist_info: DistInfo | None = None,
     checkpoint: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train in place; return per-epoch history (train loss/accuracy; on the main process also
     test accuracy, final-block head usage and the usage of every block).
 
     With `checkpoint`, the state after every epoch is saved there, and training continues from
     it when it exists and `params.resume` is set (the resumed run equals an uninterrupted one).
+    `on_epoch(row)` sees every history row on the main process as soon as it exists (the rows a
+    resumed run restored first), so a logger can publish the run while it trains.
     """
     dist_info = dist_info or DistInfo()
     if params.batch_size % dist_info.world:
@@ -273,6 +277,9 @@ def train(
         if restored is not None:
             state = restored
             log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
+    if on_epoch is not None and dist_info.is_main:
+        for row in state.history:
+            on_epoch(row)
 
     for epoch in range(state.epoch, params.epochs):
         perm = torch.randperm(n, generator=gen)
@@ -309,6 +316,8 @@ def train(
             row.update(test_accuracy=ev.accuracy, head_usage=ev.head_usage, head_usage_per_block=ev.head_usage_per_block)
             log.info("epoch %d/%d: %s", epoch + 1, params.epochs, {k: v for k, v in rounded(row, 4).items() if k != "head_usage_per_block"})
         state = TrainState(epoch=epoch + 1, history=[*state.history, row])
+        if on_epoch is not None and dist_info.is_main:
+            on_epoch(row)
         if checkpoint is not None and dist_info.is_main:
             _checkpoint(checkpoint, model, opt, gen, state, fingerprint)
         if dist_info.world > 1:

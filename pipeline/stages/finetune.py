@@ -1,45 +1,50 @@
 """`finetune`: train the head-gated ViT on data/dataset; write models/vit and its metrics.
 
 Runs as one process or under torchrun (DistributedDataParallel); only rank 0 writes. The
-per-epoch curves (accuracy and usage, loss, usage of every gated block) are written once
-training is complete, as long tables for the figures `dvc.yaml` defines.
+per-epoch curves (accuracy and usage, loss, GFLOPs, usage of every gated block) and the headline
+are logged with DVCLive after every epoch (pipeline.report.live): `dvc exp show` lists a running
+experiment's epoch, accuracy and usage, and the figures `dvc.yaml` defines draw the TSVs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.data.dataset import load_images
 from pipeline.layout import download
 from pipeline.layout import finetune as files
-from pipeline.model.flops import flop_model
+from pipeline.model.flops import FlopModel, flop_model
 from pipeline.model.gated_vit import build_gated_vit, model_config, save_gated_vit
 from pipeline.model.record import TrainingRecord, write_record
 from pipeline.model.training import evaluate, train
 from pipeline.params.finetune import FinetuneParams
 from pipeline.params.model import ModelParams
-from pipeline.report.plot_data import series_rows
+from pipeline.report.live import EpochLog
 from pipeline.runtime import device_and_distributed, finish_distributed, seed_everything
-from pipeline.storage import clean_outputs, rounded, write_json
+from pipeline.storage import clean_outputs
 
 log = logging.getLogger(__name__)
 
 
-def write_curves(history: list[dict], keep_layers: int) -> None:
-    """The per-epoch figures' data: accuracy and usage (one axis: fractions), loss, and the
-    head usage of every gated block."""
-    epochs = [row["epoch"] for row in history]
-    write_json(files.ACCURACY_CURVES, series_rows("epoch", epochs, {
-        "train accuracy": [row["train_accuracy"] for row in history],
-        "test accuracy": [row["test_accuracy"] for row in history],
-        "final-block head usage": [row["head_usage"] for row in history],
-    }))
-    write_json(files.LOSS_CURVE, series_rows("epoch", epochs, {"train loss": [row["train_loss"] for row in history]}))
-    depth = len(history[0]["head_usage_per_block"])
-    write_json(files.BLOCK_USAGE_CURVES, series_rows("epoch", epochs, {
-        f"block {b}": [row["head_usage_per_block"][b] for row in history] for b in range(keep_layers, depth)
-    }, y_name="head_usage"))
+def epoch_logger(log_dir: EpochLog, flops: FlopModel, keep_layers: int) -> Callable[[dict[str, Any]], None]:
+    """What `train` calls after every epoch: the curves (train loss and accuracy, test accuracy,
+    final-block head usage, GFLOPs per image, the usage of every gated block) and the headline
+    as it stands, for `dvc exp show` while the run trains."""
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        usage = row["head_usage_per_block"]
+        gflops = flops.from_usage(usage) / 1e9
+        log_dir.epoch(
+            row["epoch"],
+            curves={key: row[key] for key in ("train_loss", "train_accuracy", "test_accuracy", "head_usage")} | {"gflops": gflops},
+            headline={"test_accuracy": row["test_accuracy"], "head_usage": row["head_usage"], "gflops": gflops},
+            tables={"head_usage_per_block": {f"block {b}": usage[b] for b in range(keep_layers, len(usage))}},
+        )
+
+    return on_epoch
 
 
 def run(mp: ModelParams, fp: FinetuneParams) -> None:
@@ -58,10 +63,12 @@ def run(mp: ModelParams, fp: FinetuneParams) -> None:
         mp.name, config.shape, len(train_set.labels), len(class_names), dist_info.world, device,
     )
     files.CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    flops = flop_model(model)
+    epoch_log = EpochLog(files.LOG) if dist_info.is_main else None
     start = time.perf_counter()
-    history = train(
-        model, train_set.images, train_set.labels, test_set.images, test_set.labels,
-        config, fp, device, dist_info, checkpoint=files.CHECKPOINT,
+    train(
+        model, train_set.images, train_set.labels, test_set.images, test_set.labels, config, fp, device, dist_info,
+        checkpoint=files.CHECKPOINT, on_epoch=epoch_logger(epoch_log, flops, config.keep_layers) if epoch_log else None,
     )
     elapsed = time.perf_counter() - start
     if dist_info.is_main:
@@ -69,10 +76,9 @@ def run(mp: ModelParams, fp: FinetuneParams) -> None:
         log.info("trained in %.1f s (%.0f images/s)", elapsed, seen / elapsed)
         final = evaluate(model, test_set.images, test_set.labels, config, device, batch_size=256)
         save_gated_vit(files.MODEL, model.cpu(), config)
-        write_curves(history, config.keep_layers)
-        flops = flop_model(model)
         gflops = flops.from_usage(final.head_usage_per_block) / 1e9
-        write_json(files.METRICS, rounded({"test_accuracy": final.accuracy, "head_usage": final.head_usage, "gflops": gflops}))
+        assert epoch_log is not None
+        epoch_log.finish({"test_accuracy": final.accuracy, "head_usage": final.head_usage, "gflops": gflops})
         write_record(files.DETAILS, TrainingRecord(
             **final.summary(), epochs=fp.epochs, num_classes=len(class_names),
             # matmul GFLOPs per test image from the gates (pipeline.model.flops), and what the masked

@@ -3,9 +3,11 @@
 Reads data/embeddings/{train,test}.parquet. Writes:
 - models/sae/: safetensors weights plus config.json (the SAE's architecture, shape and input
   scale, the `sae` params, the embeddings' model_hash and layer);
-- metrics/sae.json: the headline (test FVU, L0, dead fraction); metrics/details/sae.json: mse,
-  fvu, l0, dead_fraction for train and test, the run's shape and the per-epoch history;
-- metrics/plots/sae_fvu.json, sae_dead.json: the per-epoch figures' data.
+- metrics/sae/: the DVCLive log (pipeline.report.live): metrics.json, the headline (test FVU, L0,
+  dead fraction; the test FVU after each epoch while training runs), and plots/metrics/*.tsv, one
+  curve per epoch-level scalar;
+- metrics/details/sae.json: mse, fvu, l0, dead_fraction for train and test, the run's shape and
+  the per-epoch history.
 
 Throughput is logged, not written: the outputs stay byte-identical from run to run on the CPU.
 """
@@ -22,7 +24,7 @@ from pipeline.data.embeddings import read_embeddings
 from pipeline.layout import extract
 from pipeline.layout import train_sae as files
 from pipeline.params.sae import SaeParams
-from pipeline.report.plot_data import series_rows
+from pipeline.report.live import EpochLog
 from pipeline.runtime import pick_device
 from pipeline.sae.registry import save_sae
 from pipeline.sae.training import evaluate_sae, resolve_n_latents, train_sae
@@ -31,6 +33,10 @@ from pipeline.storage import clean_outputs, rounded, write_json
 log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("epoch", "loss", "aux_loss", "train_fvu", "test_fvu", "l0", "dead_fraction")
+LOGGED = {"loss": "loss", "aux_loss": "aux_loss", "train_fvu": "train_fvu", "test_fvu": "test_fvu",
+          "l0": "train_l0", "dead_fraction": "train_dead_fraction"}
+"""History key -> the DVCLive curve's name: L0 and the dead fraction of an epoch are measured on
+the training batches, named so beside the headline's test-split `l0` and `dead_fraction`."""
 LOG_EVERY = 10  # epochs between progress lines in the log
 
 
@@ -46,7 +52,10 @@ def run(cfg: SaeParams) -> None:
     if cfg.architecture == "frozen_random":
         log.info("frozen_random: the weights stay at their random initialisation (the epochs only record the objective)")
 
+    epoch_log = EpochLog(files.LOG)
+
     def report(row: dict[str, Any]) -> None:
+        epoch_log.epoch(row["epoch"], curves={name: row[key] for key, name in LOGGED.items()}, headline={"fvu": row["test_fvu"]})
         if row["epoch"] % LOG_EVERY == 0 or row["epoch"] == cfg.epochs:
             log.info("epoch %d: loss %.4f, train FVU %.4f, test FVU %.4f, dead %.3f, %.0f samples/s",
                      row["epoch"], row["loss"], row["train_fvu"], row["test_fvu"], row["dead_fraction"],
@@ -72,7 +81,7 @@ def run(cfg: SaeParams) -> None:
     log.info("train FVU %.4f, test FVU %.4f, test L0 %.1f, dead fraction %.3f",
              on_train["fvu"], on_test["fvu"], on_test["l0"], on_test["dead_fraction"])
     # the headline, on the test split; short names keep `dvc exp show` legible at 120 columns
-    write_json(files.METRICS, rounded({key: on_test[key] for key in ("fvu", "l0", "dead_fraction")}))
+    epoch_log.finish({key: on_test[key] for key in ("fvu", "l0", "dead_fraction")})
     details = {
         "train": rounded(on_train),
         "test": rounded(on_test),
@@ -87,11 +96,3 @@ def run(cfg: SaeParams) -> None:
         "history": [rounded({key: row[key] for key in CURVE_KEYS}) for row in history],
     }
     write_json(files.DETAILS, details)
-    epochs = [row["epoch"] for row in history]
-    write_json(files.FVU_CURVES, series_rows("epoch", epochs, {
-        "train FVU (running, before each step)": [row["train_fvu"] for row in history],
-        "test FVU": [row["test_fvu"] for row in history],
-    }, y_name="fvu"))
-    write_json(files.DEAD_CURVE, series_rows("epoch", epochs, {
-        "dead during the epoch": [row["dead_fraction"] for row in history],
-    }, y_name="dead_fraction"))
