@@ -25,6 +25,7 @@ run: $(STAMP)
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	dvc repro
 	@echo "report: metrics/report.md"
+	@echo "explorer: metrics/explorer/index.html (open it in a browser)"
 
 ## test: the whole test suite (fast by default; `slow` cases included)
 test: $(STAMP)

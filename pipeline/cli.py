@@ -66,6 +66,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "steer": ("steer",),
     "ceiling": ("ceiling", "steer"),
     "report": None,
+    "explorer": ("interpret",),
 }
 """The params sections each stage's `run` takes, in order (None: the whole file). A stage
 imports only its sections' modules, so editing another section's code does not rerun it;
@@ -215,6 +216,12 @@ def ceiling(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
 def report(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Write metrics/report.md and its figures from the outputs of `steer`, `ceiling` and `interpret`."""
     _run_stage("report", params, debug)
+
+
+@app.command()
+def explorer(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """Write the latent explorer, metrics/explorer/index.html: a static site of every alive latent and class (opens from disk)."""
+    _run_stage("explorer", params, debug)
 
 
 PatternOption = typer.Option(..., "--pattern", help="Regular expression on experiment names, e.g. '^demo-seed-'.")

@@ -162,6 +162,27 @@ def tiny_params() -> Callable[..., Params]:
     return lambda **sections: parse_params(_merge(TINY_PARAMS, sections), "tiny params")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with params.yaml (TINY_PARAMS) and every stage's outputs, each stage run
+    in-process in order, once per session. Tests only read it; one that changes a file works
+    on a copy (tests/test_reliability.py, tests/test_explorer.py)."""
+    import yaml
+
+    from pipeline.cli import call_stage
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        for stage in STAGE_SECTIONS:
+            call_stage(stage, parse_params(TINY_PARAMS, "params"))
+    finally:
+        os.chdir(old)
+    return root
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside an empty temporary directory (stages write relative to the CWD)."""

@@ -58,8 +58,9 @@ def test_finetune_logs_usage_gflops_and_every_gated_block_after_each_epoch(in_tm
 def test_train_sae_publishes_the_test_fvu_while_it_trains(in_tmp: Path, tiny_params, monkeypatch):
     """What `dvc exp show` can list while a queued experiment trains: the file as it is on disk
     right after each epoch, read from inside the run."""
-    from pipeline.stages import train_sae as stage
     from test_sae import write_embeddings
+
+    from pipeline.stages import train_sae as stage
 
     rng = np.random.default_rng(0)
     write_embeddings(Path("data/embeddings/train.parquet"), rng.normal(size=(96, 8)).astype(np.float32), "train")

@@ -36,11 +36,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_the_first_repro_runs_every_stage_and_writes_the_report(finished):
     repo, first = finished
-    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report"}
+    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report",
+                                 "explorer"}
     report = (repo / "metrics/report.md").read_text()
     assert "## Per-class steering (headline)" in report and "| class |" in report
     assert "## What the latents mean" in report and "### Class cards" in report
     assert "## Why steering moves the heads it moves" in report
+    assert (repo / "metrics/explorer/index.html").is_file() and any((repo / "metrics/explorer/img").glob("latent_*.webp"))
     steer = json.loads((repo / "metrics/details/steer.json").read_text())
     assert set(steer["strategies"]) == set(STRATEGIES)
     assert set(steer["controls"]) == {name for name, s in STRATEGIES.items() if s.is_control}
@@ -132,18 +134,20 @@ def test_each_params_change_reruns_only_the_stages_that_read_it(finished, tmp_pa
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return ran_stages(sh(repo, "dvc", "repro"))
 
-    # steering, interpretation and the ceiling are independent; the report reads all three
-    assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "report"}
-    assert change("steer", "accuracy_tolerance", 0.01) == {"steer", "ceiling", "report"}  # the rule both use
-    assert change("ceiling", "search", "greedy") == {"ceiling", "report"}
-    assert change("interpret", "top_n", 5) == {"interpret", "report"}
+    # steering, interpretation and the ceiling are independent; the report and the explorer read all three
+    assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "report", "explorer"}
+    assert change("steer", "accuracy_tolerance", 0.01) == {"steer", "ceiling", "report", "explorer"}  # the rule both use
+    assert change("ceiling", "search", "greedy") == {"ceiling", "report", "explorer"}
+    assert change("interpret", "top_n", 5) == {"interpret", "report", "explorer"}
+    assert change("interpret", "grid_images", 2) == {"interpret", "report", "explorer"}  # thumbnails per latent
     # a `data` change reruns download; its output changes, so everything downstream follows
     ran = change("data", "seed", 1)
     assert {"download", "steer", "report"} <= ran
     # A `data` change that keeps every image (max_per_class above the class size) changes only
     # the data set's provenance metadata: finetune reruns and, being deterministic, writes the
     # same weights, so DVC's content hashes stop the rerun before train_sae and latent_stats.
-    assert change("data", "max_per_class", 1000) == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "report"}
+    assert change("data", "max_per_class", 1000) == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "report",
+                                                      "explorer"}
 
 
 def test_the_explore_commands_name_the_stage_to_run_when_its_outputs_are_missing(tmp_path):

@@ -1,3 +1,4 @@
-"""What people look at: the figures (`plots`), the data files `dvc plots` draws (`plot_data`),
-`metrics/report.md` (`render`, the `report` stage), and the summary across experiments
-(`summary`, `pipeline summarize`)."""
+"""What people look at: the figures (`plots`), the training stages' DVCLive log (`live`),
+`metrics/report.md` (`render`, the `report` stage), the summary across experiments
+(`summary`, `pipeline summarize`), and the latent explorer's static site (`explorer` and its page
+`explorer_page`, the `explorer` stage)."""
