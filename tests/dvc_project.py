@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, dvc_env
 
 PROJECT_FILES = [
     "dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore",
-    ".dvc/plots/series.json", ".dvc/plots/series_band.json",
+    ".dvc/plots/series.json", ".dvc/plots/series_band.json", ".dvc/plots/live_series.json",
 ]
 
 

@@ -156,7 +156,10 @@ def test_a_configuration_runs_as_an_experiment_and_a_report_param_reruns_report_
         assert isinstance(metrics.get(column), (int, float)), f"{column} is not a scalar column: {metrics.get(column)!r}"
     assert metrics["metrics/sae/metrics.json:l0"] == TINY_PARAMS["sae"]["k"]
     # only the headline: descriptions (counts, widths, hashes, settings) are not metrics
-    assert len(metrics) == 13, sorted(metrics)  # the 13 above, exactly
+    # and DVCLive's epoch counter of the two training logs (docs/EXPERIMENTS.md, section 3)
+    assert metrics["metrics/finetune/metrics.json:step"] == TINY_PARAMS["finetune"]["epochs"]
+    assert metrics["metrics/sae/metrics.json:step"] == TINY_PARAMS["sae"]["epochs"]
+    assert len(metrics) == 13 + 2, sorted(metrics)  # the 13 above and the two steps, exactly
     commit(repo, "alt applied")
 
 
