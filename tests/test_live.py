@@ -20,6 +20,7 @@ def _tsv(path: Path) -> list[list[str]]:
 
 def test_every_epoch_leaves_the_headline_and_one_curve_row_per_scalar_on_disk(in_tmp: Path):
     log = EpochLog(Path("metrics/run"))
+    assert not Path("metrics/run").exists()  # nothing is touched before the first epoch
     summary = Path("metrics/run/metrics.json")
     for epoch, loss in [(1, 2.5), (2, 1.25), (3, float("nan"))]:
         log.epoch(epoch, curves={"loss": loss, "acc": epoch / 10}, headline={"acc": epoch / 10},

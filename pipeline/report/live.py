@@ -39,11 +39,19 @@ class EpochLog:
     once the stage has its final numbers."""
 
     def __init__(self, directory: Path) -> None:
-        from dvclive import Live  # imported here: it imports DVC, which only the training stages need
-
         self.directory = directory
-        self._live = Live(str(directory), report=None, save_dvc_exp=False, dvcyaml=None)
+        self._opened: Any = None
         self._tables: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def _live(self) -> Any:
+        """The dvclive.Live, made at the first write: making one clears the previous run's log,
+        which a stage that fails before its first epoch (a bad checkpoint) must leave as it was."""
+        if self._opened is None:
+            from dvclive import Live  # here: it imports DVC, which only the training stages need
+
+            self._opened = Live(str(self.directory), report=None, save_dvc_exp=False, dvcyaml=None)
+        return self._opened
 
     def epoch(self, n: int, curves: Mapping[str, float | None], headline: Mapping[str, float | None],
               tables: Mapping[str, Mapping[str, float | None]] | None = None) -> None:
