@@ -79,3 +79,25 @@ def test_train_sae_publishes_the_test_fvu_while_it_trains(in_tmp: Path, tiny_par
     assert seen == [{"fvu": row["test_fvu"], "step": row["epoch"]} for row in history]
     final = json.loads(Path("metrics/sae/metrics.json").read_text())
     assert set(final) == {"fvu", "l0", "dead_fraction", "step"} and final["step"] == 3
+
+
+def test_without_dvclive_the_log_has_the_same_bytes(in_tmp: Path, monkeypatch):
+    """The GPU machine runs stages without DVC; there the log is written by hand, identically."""
+    import sys
+
+    from pipeline.report.live import SameLayout
+
+    def tree(root: str) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+    def write(directory: str) -> None:
+        log = EpochLog(Path(directory))
+        for epoch in (1, 2):
+            log.epoch(epoch, {"loss": 1 / (epoch + 2), "acc": 0.5}, {"acc": 0.5 + epoch / 10}, {"usage": {"block 1": epoch / 3}})
+        log.finish({"acc": 0.75, "fvu": 1e-7})
+
+    write("with")
+    monkeypatch.setitem(sys.modules, "dvclive", None)  # import dvclive -> ImportError
+    write("without")
+    assert isinstance(EpochLog(Path("x"))._live, SameLayout)
+    assert tree("without") == tree("with") and len(tree("with")) == 4

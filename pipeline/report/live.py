@@ -16,11 +16,18 @@ without a token (the Makefile also sets DVC_STUDIO_OFFLINE).
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.storage import rounded
+
+log = logging.getLogger(__name__)
 
 
 def series_rows(x_name: str, x: Sequence[float], series: Mapping[str, Sequence[float | None]], y_name: str = "value") -> list[dict[str, Any]]:
@@ -48,9 +55,13 @@ class EpochLog:
         """The dvclive.Live, made at the first write: making one clears the previous run's log,
         which a stage that fails before its first epoch (a bad checkpoint) must leave as it was."""
         if self._opened is None:
-            from dvclive import Live  # here: it imports DVC, which only the training stages need
-
-            self._opened = Live(str(self.directory), report=None, save_dvc_exp=False, dvcyaml=None)
+            try:
+                from dvclive import Live  # here: it imports DVC, which only the training stages need
+            except ImportError:  # a machine that runs stages without DVC: the same files, by hand
+                log.warning("dvclive is not installed: %s is written in its layout without it", self.directory)
+                self._opened = SameLayout(self.directory)
+            else:
+                self._opened = Live(str(self.directory), report=None, save_dvc_exp=False, dvcyaml=None)
         return self._opened
 
     def epoch(self, n: int, curves: Mapping[str, float | None], headline: Mapping[str, float | None],
@@ -71,3 +82,40 @@ class EpochLog:
         `dvc exp show` lists the headline alone, as it did before DVCLive."""
         self._live.summary = rounded(dict(headline))
         self._live.make_summary()
+
+
+class SameLayout:
+    """The part of dvclive.Live that EpochLog uses, writing the same bytes, for a machine that
+    runs the stages with `python -m pipeline` and has no DVC (dvclive imports dvc): the
+    air-gapped GPU machine of docs/EXPERIMENTS.md, section 1.2. tests/test_live.py keeps the two
+    byte-identical."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        shutil.rmtree(self.directory / "plots", ignore_errors=True)  # as Live clears a previous run
+        (self.directory / "metrics.json").unlink(missing_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        self.summary: dict[str, Any] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        path = self.directory / "plots" / "metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator=os.linesep)
+            if new:
+                writer.writerow(["step", os.path.basename(name)])
+            writer.writerow([self.step, value])
+
+    def log_plot(self, name: str, datapoints: list[dict[str, Any]], x: str, y: str) -> None:
+        self._dump(self.directory / "plots" / "custom" / f"{name}.json", datapoints)
+
+    def make_summary(self) -> None:
+        self.summary["step"] = self.step
+        self._dump(self.directory / "metrics.json", self.summary)
+
+    @staticmethod
+    def _dump(path: Path, content: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
