@@ -19,7 +19,9 @@ class AugmentParams(Section):
     policy: Literal["none", "trivialaugment", "randaugment"] = "none"
     """A per-image policy of torchvision's v2 transforms after crop and flip: TrivialAugment
     (one random op of random strength) or RandAugment (`randaugment_ops` ops at
-    `randaugment_magnitude`); what from-scratch ViTs on small data sets need."""
+    `randaugment_magnitude`); what from-scratch ViTs on small data sets need. The `resident`
+    loop runs the same ops and magnitude bins batched on the device
+    (`pipeline.model.batched_augment`)."""
     randaugment_ops: Annotated[int, Field(ge=1, le=8)] = 2
     """RandAugment: operations per image."""
     randaugment_magnitude: Annotated[int, Field(ge=0, le=30)] = 9
@@ -69,6 +71,20 @@ class FinetuneParams(Section):
     (gloo on CPU, nccl on GPU)."""
     resume: bool = False
     """Continue from the last epoch checkpoint in models/vit_ckpt/ if one exists."""
+    loop: Literal["standard", "resident"] = "standard"
+    """The training loop. `standard` (`pipeline.model.training.train`): the data set in host
+    memory, crop and flip batched, the per-image policy through torchvision image by image, one
+    host synchronisation per step; the same params give byte-identical models on one CPU.
+    `resident` (`pipeline.model.fast_training.train_resident`), for GPUs: the data set on the
+    training device as uint8, shuffling and every augmentation (the policy too) batched there
+    from a device generator, fused AdamW, no host synchronisation inside an epoch, the per-epoch
+    test evaluation under `precision`'s autocast. Same schedule, loss and outputs; other random
+    streams, so its models differ from `standard`'s (deterministic on one machine)."""
+    compile: bool = False
+    """`resident` loop only: `torch.compile` the forward and loss of the training step (inductor;
+    on a CPU it needs a C compiler). The first steps pay the compilation (tens of seconds); the
+    compiled step draws its Gumbel noise from inductor's generator, so its gates' noise, and
+    hence its model, differ from the eager step's."""
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneParams:
@@ -78,4 +94,6 @@ class FinetuneParams(Section):
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must be <= epochs {self.epochs}")
         if self.batch_size % self.nproc:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc}")
+        if self.compile and self.loop != "resident":
+            raise ValueError("compile: true needs loop: resident (the standard loop is never compiled)")
         return self

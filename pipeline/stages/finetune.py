@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.data.dataset import load_images
 from pipeline.layout import download
 from pipeline.layout import finetune as files
+from pipeline.model.fast_training import train_resident
 from pipeline.model.flops import FlopModel, flop_model
 from pipeline.model.gated_vit import build_gated_vit, model_config, save_gated_vit
 from pipeline.model.record import TrainingRecord, write_record
@@ -66,7 +67,8 @@ def run(mp: ModelParams, fp: FinetuneParams) -> None:
     flops = flop_model(model)
     epoch_log = EpochLog(files.LOG) if dist_info.is_main else None
     start = time.perf_counter()
-    train(
+    loop = train_resident if fp.loop == "resident" else train  # resident: the GPU path (params docstring)
+    loop(
         model, train_set.images, train_set.labels, test_set.images, test_set.labels, config, fp, device, dist_info,
         checkpoint=files.CHECKPOINT, on_epoch=epoch_logger(epoch_log, flops, config.keep_layers) if epoch_log else None,
     )
