@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_head_paths.py
 	$(BIN)/python bench/bench_interpret.py
 	$(BIN)/python bench/bench_ceiling.py
+	$(BIN)/python bench/bench_multiblock.py
 
 clean-venv:
 	rm -rf $(VENV)
