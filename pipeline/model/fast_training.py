@@ -35,11 +35,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import PipelineError
 from pipeline.model.batched_augment import augment_batch
 from pipeline.model.config import ModelConfig
 from pipeline.model.gated_vit import GatedViT
-from pipeline.model.training import TrainState, evaluate, lr_at, mix, param_groups, run_fingerprint, usage_loss
+from pipeline.model.training import (
+    TrainState,
+    check_batch_split,
+    evaluate,
+    load_checkpoint,
+    lr_at,
+    malformed_checkpoint,
+    mix,
+    param_groups,
+    run_fingerprint,
+    usage_loss,
+)
 from pipeline.params.finetune import FinetuneParams
 from pipeline.progress import progress
 from pipeline.runtime import DistInfo
@@ -132,7 +142,6 @@ class ResidentStep:
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gens: dict[str, torch.Generator], device: torch.device,
           state: TrainState, fingerprint: str) -> None:
     payload: dict[str, Any] = {
-        "loop": "resident",
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -150,14 +159,8 @@ def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gens: dict[s
 def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gens: dict[str, torch.Generator], device: torch.device,
              fingerprint: str) -> TrainState | None:
     """The checkpoint's state, or None (nothing changed) when another run wrote it."""
-    advice = "delete it or set finetune.resume: false"
-    try:  # weights_only: a crafted pickle is refused instead of run
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or malicious: the same user error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{path}: rejected as a resume checkpoint (only plain tensors are loaded): {first}; {advice}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint or ckpt.get("loop") != "resident":
-        log.warning("%s was written by a run with other parameters, initial weights, data or loop: training from scratch", path)
+    ckpt = load_checkpoint(path, fingerprint)
+    if ckpt is None:
         return None
     try:
         model.load_state_dict(ckpt["model"])
@@ -169,7 +172,7 @@ def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gens: dic
             g.set_state(ckpt["generators"][name])
         return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise PipelineError(f"{path}: malformed resume checkpoint ({type(exc).__name__}: {exc}); {advice}") from None
+        raise malformed_checkpoint(path, exc) from None
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -197,11 +200,7 @@ def train_resident(
     seed on every rank) and trains on its share of each batch.
     """
     dist_info = dist_info or DistInfo()
-    if params.batch_size % dist_info.world:
-        raise PipelineError(
-            f"finetune.batch_size {params.batch_size} is not divisible by the {dist_info.world} processes "
-            "of this run (nodes x processes per node): every process takes an equal share of each batch"
-        )
+    check_batch_split(params, dist_info)
     fingerprint = run_fingerprint(model, train_images, train_labels, config, params) if checkpoint is not None else ""
     model.to(device).train()
     ddp_model: nn.Module = model

@@ -207,16 +207,42 @@ def _checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: t
         )
 
 
-def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, fingerprint: str) -> TrainState | None:
-    """The checkpoint's state, or None (nothing changed) when it belongs to another run."""
-    advice = "delete it or set finetune.resume: false"
+RESUME_ADVICE = "delete it or set finetune.resume: false"
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A resume checkpoint's contents, or None when another run wrote it (a warning says so).
+    Both training loops read their checkpoints through this; each restores its own state."""
     try:  # weights_only: a crafted pickle is refused instead of run
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or malicious: the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{path}: rejected as a resume checkpoint (only plain tensors are loaded): {first}; {advice}") from None
+        raise PipelineError(f"{path}: rejected as a resume checkpoint (only plain tensors are loaded): {first}; {RESUME_ADVICE}") from None
     if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s was written by a run with other parameters, initial weights or data: training from scratch", path)
+        # the fingerprint covers every finetune param, `loop` included: the other loop's checkpoint lands here
+        log.warning("%s was written by a run with other parameters, initial weights, data or loop: training from scratch", path)
+        return None
+    return ckpt
+
+
+def malformed_checkpoint(path: Path, exc: Exception) -> PipelineError:
+    return PipelineError(f"{path}: malformed resume checkpoint ({type(exc).__name__}: {exc}); {RESUME_ADVICE}")
+
+
+def check_batch_split(params: FinetuneParams, dist_info: DistInfo) -> None:
+    """finetune.nproc is checked against the batch when params load, but only this process sees
+    the whole run (nodes x processes per node); a remainder would silently be dropped."""
+    if params.batch_size % dist_info.world:
+        raise PipelineError(
+            f"finetune.batch_size {params.batch_size} is not divisible by the {dist_info.world} processes "
+            "of this run (nodes x processes per node): every process takes an equal share of each batch"
+        )
+
+
+def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, fingerprint: str) -> TrainState | None:
+    """The checkpoint's state, or None (nothing changed) when it belongs to another run."""
+    ckpt = load_checkpoint(path, fingerprint)
+    if ckpt is None:
         return None
     try:
         model.load_state_dict(ckpt["model"])
@@ -225,7 +251,7 @@ def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torc
         gen.set_state(ckpt["data_rng"])
         return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise PipelineError(f"{path}: malformed resume checkpoint ({type(exc).__name__}: {exc}); {advice}") from None
+        raise malformed_checkpoint(path, exc) from None
 
 
 def train(
@@ -250,13 +276,7 @@ def train(
     resumed run restored first), so a logger can publish the run while it trains.
     """
     dist_info = dist_info or DistInfo()
-    if params.batch_size % dist_info.world:
-        # finetune.nproc is checked against the batch when params load, but only this process sees
-        # the whole run (nodes x processes per node); a remainder would silently be dropped
-        raise PipelineError(
-            f"finetune.batch_size {params.batch_size} is not divisible by the {dist_info.world} processes "
-            "of this run (nodes x processes per node): every process takes an equal share of each batch"
-        )
+    check_batch_split(params, dist_info)
     model.to(device).train()
     ddp_model: nn.Module = model
     if dist_info.world > 1:
