@@ -184,6 +184,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def one_thread() -> Iterator[int]:
+    """Torch on one thread for tiny tensors: a second thread only adds synchronisation (and, on a
+    shared 2-core machine, long waits). Yields the previous count and restores it afterwards.
+    Files of small-tensor tests use it for every test (`pytestmark`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside an empty temporary directory (stages write relative to the CWD)."""
     monkeypatch.chdir(tmp_path)

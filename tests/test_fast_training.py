@@ -23,13 +23,7 @@ from conftest import TINY_PARAMS
 TORCHVISION = {"trivialaugment": TrivialAugmentWide(), "randaugment": RandAugment()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and a busy neighbour core cannot stall every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sample_images(h: int = 16, w: int = 16) -> torch.Tensor:

@@ -30,15 +30,7 @@ from pipeline.sae.training import (
 
 from conftest import write_embeddings as write_tiny_embeddings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and, on a shared 2-core
-    machine, long waits). Restored afterwards; the determinism test checks the default too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield threads
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def dictionary_data(n: int, dim: int, n_atoms: int, active: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

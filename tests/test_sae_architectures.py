@@ -18,13 +18,7 @@ from pipeline.sae.registry import ARCHITECTURES, load_sae, save_sae
 from pipeline.sae.topk import TopKSAE
 from pipeline.sae.training import _Grads, _new_sae, _train_step, evaluate_sae, train_sae
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def params(architecture: str, **overrides) -> SaeParams:
