@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,7 +62,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "finetune": ("model", "finetune"),
     "extract": ("extract",),
     "train_sae": ("sae",),
+    "train_sae_block": ("sae",),
     "latent_stats": ("stats",),
+    "latent_stats_block": ("stats",),
     "interpret": ("interpret",),
     "steer": ("steer",),
     "ceiling": ("ceiling", "steer"),
@@ -73,18 +76,30 @@ imports only its sections' modules, so editing another section's code does not r
 dvc.yaml lists the same sections (tests/test_dvc_workflow.py checks both)."""
 
 
-def call_stage(name: str, params: Params) -> None:
-    """Run one stage's `run` on its sections of `params`."""
+def call_stage(name: str, params: Params, *args: Any) -> None:
+    """Run one stage's `run` on its sections of `params` (then `args`: a per-block stage's block)."""
     stage = importlib.import_module(f"pipeline.stages.{name}")
     sections = STAGE_SECTIONS[name]
-    stage.run(params) if sections is None else stage.run(*(getattr(params, s) for s in sections))
+    stage.run(params) if sections is None else stage.run(*(getattr(params, s) for s in sections), *args)
 
 
-def _run_stage(module: str, params_path: Path, debug: bool) -> None:
+PER_BLOCK_STAGES = ("train_sae_block", "latent_stats_block")
+"""Stages dvc.yaml generates once per block of `extract.layers` (`foreach`); run with the block."""
+
+
+def call_stages(params: Params) -> None:
+    """Every stage in dvc.yaml's order, in this process (the per-block ones once per block of
+    `extract.layers`): what `dvc repro` runs, for tests and notebooks."""
+    for name in STAGE_SECTIONS:
+        for args in ([(b,) for b in params.extract.layers] if name in PER_BLOCK_STAGES else [()]):
+            call_stage(name, params, *args)
+
+
+def _run_stage(module: str, params_path: Path, debug: bool, *args: Any) -> None:
     _setup_logging()
     params = _load(params_path)
     try:
-        call_stage(module, params)
+        call_stage(module, params, *args)
     except (PipelineError, ParamsError) as exc:
         if debug:
             raise
@@ -128,6 +143,20 @@ def extract(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
 def train_sae(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
     """Train the TopK SAE on the extracted embeddings; writes models/sae/."""
     _run_stage("train_sae", params, debug)
+
+
+@app.command("train-sae-block")
+def train_sae_block(block: int = typer.Argument(..., help="A block listed in extract.layers."), params: Path = ParamsOption,
+                    debug: bool = DebugOption) -> None:
+    """Train the SAE of an earlier block on its stored CLS inputs; writes models/sae_blocks/block<b>/."""
+    _run_stage("train_sae_block", params, debug, block)
+
+
+@app.command("latent-stats-block")
+def latent_stats_block(block: int = typer.Argument(..., help="A block listed in extract.layers."), params: Path = ParamsOption,
+                       debug: bool = DebugOption) -> None:
+    """Firing statistics and top sets of an earlier block's SAE; writes data/stats_blocks/block<b>/."""
+    _run_stage("latent_stats_block", params, debug, block)
 
 
 @app.command("latent-stats")

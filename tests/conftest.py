@@ -71,9 +71,10 @@ def write_embeddings(
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Every command that reads a params file: one per DVC stage (the CLI's own table), and `validate`.
-from pipeline.cli import STAGE_SECTIONS  # noqa: E402
+from pipeline.cli import PER_BLOCK_STAGES, STAGE_SECTIONS  # noqa: E402
 
-STAGE_COMMANDS = [name.replace("_", "-") for name in STAGE_SECTIONS]
+STAGE_COMMANDS = [name.replace("_", "-") + (" 1" if name in PER_BLOCK_STAGES else "") for name in STAGE_SECTIONS]
+"""Command lines (split on spaces): a per-block stage's with a block."""
 PARAMS_COMMANDS = [*STAGE_COMMANDS, "validate"]
 
 TINY_SHAPE: dict[str, int] = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=4)
@@ -169,15 +170,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     on a copy (tests/test_reliability.py, tests/test_explorer.py)."""
     import yaml
 
-    from pipeline.cli import call_stage
+    from pipeline.cli import call_stages
 
     root = tmp_path_factory.mktemp("tiny-run")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     old = Path.cwd()
     os.chdir(root)
     try:
-        for stage in STAGE_SECTIONS:
-            call_stage(stage, parse_params(TINY_PARAMS, "params"))
+        call_stages(parse_params(TINY_PARAMS, "params"))
     finally:
         os.chdir(old)
     return root

@@ -31,6 +31,25 @@ from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
 
 ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report", "explorer"}
+"""The stages a default run has; the per-block stages below generate none while extract.layers is empty."""
+BLOCK_STAGES = {"train_sae_block", "latent_stats_block"}
+"""`foreach` definitions over extract.layers: one stage per listed block."""
+SAMPLE_BLOCK = 2
+COMMITTED_FOLDERS = {"models/sae_blocks", "data/stats_blocks"}
+"""Deps that are committed folders (a README.md) holding the per-block stages' outputs."""
+
+
+def stage_definitions() -> dict[str, dict]:
+    """dvc.yaml's stages by definition name; a `foreach` definition as its stage for block
+    SAMPLE_BLOCK (its `do`, with ${item} substituted)."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" in stage:
+            assert stage["foreach"] == "${extract.layers}", name
+            stage = yaml.safe_load(yaml.safe_dump(stage["do"]).replace("${item}", str(SAMPLE_BLOCK)))
+        out[name] = stage
+    return out
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -378,8 +397,8 @@ def test_every_stage_lists_exactly_the_code_it_imports():
     """What makes "only changed steps rerun" true for code: a module a stage imports but does
     not list would not rerun it when edited; one it lists but does not import reruns it for
     nothing."""
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == ALL_STAGES
+    stages = stage_definitions()
+    assert set(stages) == ALL_STAGES | BLOCK_STAGES
     for name, stage in stages.items():
         assert _listed_code(stage["deps"]) == _code_closure(f"pipeline.stages.{name}"), name
 
@@ -419,12 +438,13 @@ def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
     A stage writes exactly what dvc.yaml declares, and reads only what it lists as deps."""
     import importlib
 
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    stages = stage_definitions()
     for name, stage in stages.items():
         layout = importlib.import_module(f"pipeline.layout.{name}")
-        assert {p.as_posix() for p in layout.WRITES} == _outputs(stage), name
-        assert {p.as_posix() for p in layout.READS} <= set(stage["deps"]), name
-        upstream = {path for other in stages.values() for path in _outputs(other)}
+        writes, reads = (layout.writes(SAMPLE_BLOCK), layout.reads(SAMPLE_BLOCK)) if name in BLOCK_STAGES else (layout.WRITES, layout.READS)
+        assert {p.as_posix() for p in writes} == _outputs(stage), name
+        assert {p.as_posix() for p in reads} <= set(stage["deps"]), name
+        upstream = {path for other in stages.values() for path in _outputs(other)} | COMMITTED_FOLDERS
         assert {d for d in stage["deps"] if not d.startswith("pipeline/")} <= upstream, name
 
 

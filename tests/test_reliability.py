@@ -225,7 +225,7 @@ def check_every_command(case: BadParams, directory: Path) -> None:
     write_params(directory / "params.yaml", case.raw)
     with cwd(directory):
         for command in PARAMS_COMMANDS:
-            message = assert_clean_failure(runner.invoke(app, [command, "--params", "params.yaml"]), 2)
+            message = assert_clean_failure(runner.invoke(app, [*command.split(), "--params", "params.yaml"]), 2)
             assert_names_key(message, case)
     assert sorted(p.name for p in directory.rglob("*")) == ["params.yaml"], f"{case.label}: something was written"
 

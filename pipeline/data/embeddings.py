@@ -119,18 +119,26 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def read_embeddings(path: Path | str) -> EmbeddingTable:
+def read_embeddings(path: Path | str, block: int | None = None) -> EmbeddingTable:
     """Read an embeddings file; a missing, truncated or mismatched file is a clear PipelineError.
 
-    `x` shares memory with the Arrow buffers when Arrow allows (no copy): treat it as read-only.
+    `block`: the CLS inputs of that block as `x` (column `x_block<block>`, or `x` for the final
+    block); the gate columns stay the final block's. `x` shares memory with the Arrow buffers
+    when Arrow allows (no copy): treat it as read-only.
     """
-    table, meta = read_table(path, REQUIRED_COLUMNS, optional=("kept_per_block",))
+    column = "x" if block is None else f"x_block{block}"
+    table, meta = read_table(path, REQUIRED_COLUMNS, optional=("kept_per_block", column))
     for key in ("dim", "num_heads", "class_names", "layer"):
         if key not in meta:
             raise PipelineError(f"{path}: schema metadata lacks '{key}'; not written by `extract`")
-    x = fixed_list_to_numpy(table.column("x"))
+    if block is not None and block == meta["layer"]:
+        column = "x"
+    if column not in table.column_names:
+        raise PipelineError(f"{path} has no CLS inputs of block {block} (column {column}); add {block} to "
+                            "extract.layers and rerun extract")
+    x = fixed_list_to_numpy(table.column(column))
     if x.shape[1] != meta["dim"]:
-        raise PipelineError(f"{path}: column 'x' has width {x.shape[1]} but metadata says dim={meta['dim']}")
+        raise PipelineError(f"{path}: column '{column}' has width {x.shape[1]} but metadata says dim={meta['dim']}")
     if x.shape[0] == 0:
         raise PipelineError(f"{path}: holds no rows")
     return EmbeddingTable(

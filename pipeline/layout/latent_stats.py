@@ -1,5 +1,6 @@
 """`latent_stats` writes which latents fire for which class, and the top sets steering uses."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.layout import extract, train_sae
@@ -17,3 +18,22 @@ FIRING_HISTOGRAM = Path("metrics/plots/firing_frequency.png")
 
 READS = (extract.EMBEDDINGS, train_sae.SAE)
 WRITES = (STATS, METRICS, DETAILS, CLASS_OVERLAP, OVERLAP_HEATMAP, FIRING_HISTOGRAM)
+
+
+@dataclass(frozen=True)
+class StatsFiles:
+    """Where one SAE's statistics go: the final block's here, block b's in `latent_stats_block`."""
+
+    stats: Path
+    details: Path
+
+    @property
+    def latents(self) -> Path:
+        return self.stats / "latents.parquet"
+
+    @property
+    def top_sets(self) -> Path:
+        return self.stats / "top_sets.json"
+
+
+FINAL = StatsFiles(STATS, DETAILS)

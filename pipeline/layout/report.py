@@ -20,8 +20,12 @@ SHIFT_SCATTER = Path("metrics/plots/shift_vs_keep.png")
 FRONTIER = Path("metrics/plots/ceiling_frontier.png")
 """Per featured class: every fixed pattern, the frontier, the ceiling's choice and steering."""
 
+BLOCK_USAGE = Path("metrics/plots/block_usage.png")
+"""Head usage per gated block: unsteered, at the per-class headline and at the ceiling."""
+
 READS = (
     steer.RESULTS_DIR, steer.DETAILS, ceiling.CEILING, ceiling.DETAILS, interpret.INTERPRET, interpret.DETAILS, latent_stats.STATS, latent_stats.DETAILS,
     finetune.MODEL, finetune.DETAILS, train_sae.DETAILS, download.DATASET,
 )
-WRITES = (REPORT, DETAILS, CURVES_PNG, HEAD_KEEP_HEATMAP, CLASS_USAGE_PNG, CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER, FRONTIER)
+WRITES = (REPORT, DETAILS, CURVES_PNG, HEAD_KEEP_HEATMAP, CLASS_USAGE_PNG, CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER, FRONTIER,
+          BLOCK_USAGE)

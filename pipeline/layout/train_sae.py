@@ -1,5 +1,6 @@
 """`train_sae` writes the SAE (pipeline.sae) and its training record."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.layout import extract
@@ -19,3 +20,19 @@ DETAILS = Path("metrics/details/sae.json")
 
 READS = (extract.EMBEDDINGS,)
 WRITES = (SAE, METRICS, DETAILS, CURVES)
+
+
+@dataclass(frozen=True)
+class SaeFiles:
+    """Where one SAE and its record go: the final block's here, block b's in `train_sae_block`."""
+
+    sae: Path
+    log: Path
+    details: Path
+
+    @property
+    def writes(self) -> tuple[Path, ...]:
+        return (self.sae, self.log / "metrics.json", self.details, self.log / "plots")
+
+
+FINAL = SaeFiles(SAE, LOG, DETAILS)

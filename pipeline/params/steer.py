@@ -58,6 +58,13 @@ class SteerParams(Section):
     """`auto` picks CUDA when present."""
     heads: HeadPath = "auto"
     """How the sweep runs the gated blocks (as `extract.heads`); recorded in the details."""
+    blocks: Literal["final", "all"] | list[Annotated[int, Field(ge=0)]] = "final"
+    """Which gated blocks are steered: `final` (the paper's setting: the last block, its SAE
+    models/sae), `all` (every gated block) or a list of block indices. Each steered block other
+    than the final one needs its own SAE, trained by the `train_sae_block@<b>` stage for each b in
+    `extract.layers`. With several blocks the headline rule minimises the mean usage over every
+    gated block (affine in the model's GFLOPs), and `ceiling` searches the same blocks
+    (docs/METHOD.md, section 8)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> SteerParams:

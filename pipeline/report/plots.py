@@ -303,3 +303,21 @@ def frontier_grid(panels: Sequence[dict], path: Path | str, title: str) -> None:
             fig.add_subplot().text(0.5, 0.5, "no classes to show", ha="center")
         fig.suptitle(title, fontsize=10)
         save_figure(fig, path)
+
+
+def block_usage_bars(blocks: Sequence[str], series: dict[str, Sequence[float]], path: Path | str, title: str) -> None:
+    """Head usage per gated block (x), one bar per series (unsteered, steering, ceiling...)."""
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(max(4.0, 1.2 * len(blocks) + 2.5), 3.6)
+        ax = fig.add_subplot()
+        x = np.arange(len(blocks))
+        width = 0.8 / max(len(series), 1)
+        for i, (name, usage) in enumerate(series.items()):
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, usage, width, label=name)
+        ax.set_xticks(x, blocks)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("gated block")
+        ax.set_ylabel("fraction of heads kept (test, class mean)")
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="lower left")
+        save_figure(fig, path)

@@ -16,6 +16,7 @@ from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig
 from pipeline.model.record import TrainingRecord
 from pipeline.params.file import Params
+from pipeline.report.blocks import BlockUsage, render_blocks
 from pipeline.steering.ceiling import CeilingClass, CeilingDetails
 from pipeline.steering.headline import ClassHeadline, PolicyEffect
 from pipeline.steering.results import Curve, NullPoint, SteerDetails
@@ -71,6 +72,8 @@ class ReportInputs:
     head_names: list[str]
     explained: Explanation | None = None
     ceiling: Ceiling | None = None
+    blocks: BlockUsage | None = None
+    """Usage per gated block (`pipeline.report.blocks`); its section shows for a multi-block sweep."""
 
     def curves(self) -> dict[str, Curve]:
         """The strategies' curves in `steer.strategies` order (the details file sorts its keys)."""
@@ -135,8 +138,12 @@ def _headline_method(steer: SteerDetails, sp: Any) -> list[str]:
     images = settings.images
     chosen = ("on the validation split" if settings.select_on == "val" else
               "on the test split itself (`steer.select_on: test`: the selection inflates the reported change)")
+    blocks = settings.gated_blocks
+    usage = ("final-block head usage" if blocks is None else
+             f"head usage (the mean over gated blocks {', '.join(f'b{b}' for b in blocks)}: steering moved "
+             f"{', '.join(f'b{b}' for b in settings.blocks)}, `steer.blocks`)")
     lines = [
-        "Rule: per class, the alpha with the lowest final-block head usage whose accuracy is at least the",
+        f"Rule: per class, the alpha with the lowest {usage} whose accuracy is at least the",
         f"unsteered accuracy minus {sp.accuracy_tolerance} (`steer.accuracy_tolerance`), chosen {chosen}",
         f"({images.get(settings.select_on, 0)} images) and reported on the test split ({images['test']} images).",
         "The per-class strategy uses the true class's latent set (an oracle analysis, as in the paper).",
@@ -182,7 +189,9 @@ def _headline(steer: SteerDetails, headline: list[ClassHeadline], head_names: li
         )
     unsteered = steer.flops.gflops_unsteered
     lines.append(f"In compute: {summary.mean_gflops_change:+.4g} GFLOPs per image, {100 * summary.mean_gflops_change / unsteered:+.1f}% "
-                 f"of the unsteered model's {unsteered:.4g} (only the final block's attention changes).")
+                 f"of the unsteered model's {unsteered:.4g} "
+                 + ("(only the final block's attention changes)." if steer.settings.blocks is None else
+                    "(the attention of every gated block; per block: section Across blocks)."))
     if predicted:
         lines.append("The deployable policy chooses the latent set and alpha by the unsteered prediction (alphas chosen per "
                      "predicted class on the selection split): what the label is worth is the gap between the two rows.")
@@ -212,7 +221,7 @@ def featured(headline: list[ClassHeadline], top: int) -> list[ClassHeadline]:
 
 
 def render_report(inputs: ReportInputs) -> str:
-    sections = (_title, _configuration, _model_and_sae, _headline_section, _control, _strategies, _global_null,
+    sections = (_title, _configuration, _model_and_sae, _headline_section, _across_blocks, _control, _strategies, _global_null,
                 _interpretation, _beside_paper, _figures)
     return "\n".join(line for section in sections for line in section(inputs))
 
@@ -289,6 +298,12 @@ def _headline_section(r: ReportInputs) -> list[str]:
     if r.headline and r.steer.per_class_headline is not None:
         return lines + _headline(r.steer, r.headline, r.head_names, r.params.steer.top_classes)
     return lines + [f"({PER_CLASS} is not among `steer.strategies`: no headline.)"]
+
+
+def _across_blocks(r: ReportInputs) -> list[str]:
+    if r.blocks is None or r.steer.settings.blocks is None:
+        return []
+    return ["", *render_blocks(r.blocks)]
 
 
 def _share(change: float, ceiling: float) -> str:

@@ -13,6 +13,7 @@ well each class's test set agrees with its train set. Writes:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,41 @@ LATENTS_SCHEMA = pa.schema(
 
 def run(cfg: StatsParams) -> None:
     clean_outputs(*files.WRITES)
-    sae = load_sae(train_sae.SAE).to("cpu").eval()
-    train, test = read_embeddings(TRAIN), read_embeddings(TEST)
+    got = compute(cfg, train_sae.SAE, files.FINAL)
+    record = got.record
+    write_json(files.METRICS, {"overlap": record.overlap_global_vs_class, "jaccard": record.jaccard_global_vs_class})
+    write_json(files.CLASS_OVERLAP, [
+        {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}
+        for name, o, j in zip(got.class_names, got.global_overlap.tolist(), got.global_jaccard.tolist())
+    ])
+    plots.overlap_heatmap(got.overlap.numpy(), got.class_names, files.OVERLAP_HEATMAP,
+                          title=f"Top-{cfg.top_k} latent overlap |A ∩ B| / K (train)")
+    plots.frequency_histogram(got.train_frequency, files.FIRING_HISTOGRAM)
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What `compute` wrote, plus what the final block's figures are drawn from."""
+
+    record: StatsRecord
+    class_names: list[str]
+    train_frequency: np.ndarray
+    global_overlap: torch.Tensor
+    global_jaccard: torch.Tensor
+    overlap: torch.Tensor
+
+
+def compute(cfg: StatsParams, sae_dir: Path, out: files.StatsFiles, block: int | None = None) -> Computed:
+    """The statistics of the SAE in `sae_dir` on the CLS inputs of `block` (None: the final
+    block), written to `out`; returns what `run` draws the final block's figures from."""
+    clean_outputs(out.stats, out.details)
+    sae = load_sae(sae_dir).to("cpu").eval()
+    train, test = read_embeddings(TRAIN, block), read_embeddings(TEST, block)
     class_names = train.class_names
     same_classes(test.class_names, TEST, class_names, TRAIN, rerun="extract")
     if cfg.top_k > sae.n_latents:  # a set larger than the dictionary makes |A ∩ B| / K meaningless
-        raise ParamsError(f"stats.top_k = {cfg.top_k}: must be <= the SAE's number of latents ({sae.n_latents}, {train_sae.SAE})")
-    split_stats = {name: _encode(sae, table, path, len(class_names), cfg.batch_size)
+        raise ParamsError(f"stats.top_k = {cfg.top_k}: must be <= the SAE's number of latents ({sae.n_latents}, {sae_dir})")
+    split_stats = {name: _encode(sae, table, path, len(class_names), cfg.batch_size, sae_dir)
                    for name, table, path in (("train", train, TRAIN), ("test", test, TEST))}
 
     n_latents, top_k = sae.n_latents, cfg.top_k
@@ -72,8 +101,8 @@ def run(cfg: StatsParams) -> None:
     overlap, jaccard = st.overlap_matrix(class_sets, n_latents, top_k)
     g_overlap, g_jaccard = st.global_vs_class(global_set, class_sets, n_latents, top_k)
 
-    _write_latents(split_stats, class_names, top_k)
-    write_top_sets(files.TOP_SETS, TopSets(
+    _write_latents(out.latents, split_stats, class_names, top_k)
+    write_top_sets(out.top_sets, TopSets(
         top_k=top_k, n_latents=n_latents, class_names=class_names, global_set=global_set.tolist(),
         per_class={name: s.tolist() for name, s in zip(class_names, class_sets)},
         mean_active_value=train_stats.mean_active_all.tolist(),
@@ -86,21 +115,15 @@ def run(cfg: StatsParams) -> None:
         class_overlap_offdiag_mean=_r(_offdiag_mean(overlap)), related=_related(overlap, jaccard, class_names, cfg.related),
         top_k=top_k, n_latents=n_latents, n_classes=len(class_names),
     )
-    write_stats_record(files.DETAILS, record)
-    write_json(files.METRICS, {"overlap": record.overlap_global_vs_class, "jaccard": record.jaccard_global_vs_class})
-
-    write_json(files.CLASS_OVERLAP, [
-        {"class": name, "global_overlap": _r(o), "jaccard": _r(j)}
-        for name, o, j in zip(class_names, g_overlap.tolist(), g_jaccard.tolist())
-    ])
-    plots.overlap_heatmap(overlap.numpy(), class_names, files.OVERLAP_HEATMAP, title=f"Top-{top_k} latent overlap |A ∩ B| / K (train)")
-    plots.frequency_histogram(train_stats.freq_all.numpy(), files.FIRING_HISTOGRAM)
+    write_stats_record(out.details, record)
     log.info("global vs class overlap %.4f (Jaccard %.4f); %d of %d latents alive; mean L0 %.2f",
              record.overlap_global_vs_class, record.jaccard_global_vs_class, record.alive_latents, n_latents, record.mean_l0)
+    return Computed(record, class_names, train_stats.freq_all.numpy(), g_overlap, g_jaccard, overlap)
 
 
-def _encode(sae: SparseAutoencoder, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int) -> st.LatentStats:
-    same_width(table.dim, path, sae.dim, train_sae.SAE_CONFIG, rerun="train_sae")
+def _encode(sae: SparseAutoencoder, table: EmbeddingTable, path: Path, n_classes: int, batch_size: int,
+            sae_dir: Path) -> st.LatentStats:
+    same_width(table.dim, path, sae.dim, sae_dir / "config.json", rerun="train_sae")
     labels_in_range(table.labels, path, n_classes)
     return st.encode_stats(sae.encode_sparse, table.x, table.labels, sae.n_latents, n_classes, batch_size, desc=f"encode {path.stem}")
 
@@ -163,7 +186,7 @@ def _rows(split: str, name: str, class_id: int, freq: torch.Tensor, mean: torch.
     }
 
 
-def _write_latents(split_stats: dict[str, st.LatentStats], class_names: list[str], top_k: int) -> None:
+def _write_latents(path: Path, split_stats: dict[str, st.LatentStats], class_names: list[str], top_k: int) -> None:
     groups = []
     for split, s in split_stats.items():
         freq_all, freq_class = s.freq_all, s.freq_class
@@ -181,6 +204,6 @@ def _write_latents(split_stats: dict[str, st.LatentStats], class_names: list[str
     }
     schema = with_metadata(LATENTS_SCHEMA, meta)
     table = pa.Table.from_pydict({k: pa.array(v, type=schema.field(k).type) for k, v in columns.items()}, schema=schema)
-    with atomic_path(files.LATENTS) as tmp:
+    with atomic_path(path) as tmp:
         with parquet_writer(tmp, schema) as writer:
             writer.write_table(table, row_group_size=1 << 20)

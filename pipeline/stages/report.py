@@ -29,12 +29,13 @@ from pipeline.model.config import head_names, read_model_config
 from pipeline.model.record import read_record
 from pipeline.params.file import Params
 from pipeline.report import plots
+from pipeline.report.blocks import block_usage
 from pipeline.report.render import Ceiling, Explanation, ReportInputs, featured, render_report
 from pipeline.steering.ceiling import read_classes as read_ceiling_classes
 from pipeline.steering.ceiling import read_details as read_ceiling
 from pipeline.steering.ceiling import read_patterns
 from pipeline.steering.headline import ClassHeadline
-from pipeline.steering.results import read_details, read_headline, read_results
+from pipeline.steering.results import read_block_rows, read_details, read_headline, read_results
 from pipeline.steering.strategies import PER_CLASS, STRATEGIES
 from pipeline.storage import clean_outputs, read_json, to_json_value, write_json, write_text
 
@@ -48,21 +49,33 @@ def run(params: Params) -> None:
     details, headline = read_details(steer.DETAILS), read_headline(steer.HEADLINE)
     rows = read_results(steer.RESULTS, split="test")
     heads = head_names(config.shape.num_heads, sp.head_index_base)
+    final_rows, all_heads = rows, heads  # the final block's rows and heads, and those of the sweep's tally
+    gated = details.settings.gated_blocks
+    if gated is not None:  # a multi-block sweep: its rows cover every gated block's heads
+        block_rows = read_block_rows(steer.BLOCKS, split="test")
+        final_rows = [r for r in block_rows if r["block"] == gated[-1]]
+        all_heads = [f"b{b}{h}" for b in gated for h in heads]
+    record = read_record(finetune.DETAILS)
+    across = block_usage(details, block_rows if gated is not None else rows, record.head_usage_per_block, config.keep_layers)
     stats = read_stats_record(latent_stats.DETAILS)
     ceiling = Ceiling(read_ceiling(ceiling_files.DETAILS), read_ceiling_classes(ceiling_files.CLASSES))
-    explained = explain(params, rows, headline, heads, stats)
-    inputs = ReportInputs(params=params, config=config, finetune=read_record(finetune.DETAILS), sae=read_json(train_sae.DETAILS),
-                          stats=stats, steer=details, headline=headline, head_names=heads, explained=explained,
-                          ceiling=ceiling)
+    explained = explain(params, final_rows, headline, heads, stats)
+    inputs = ReportInputs(params=params, config=config, finetune=record, sae=read_json(train_sae.DETAILS),
+                          stats=stats, steer=details, headline=headline, head_names=all_heads, explained=explained,
+                          ceiling=ceiling, blocks=across)
 
     curves = inputs.curves()
     plots.steering_curves({name: to_json_value(c) for name, c in curves.items()},
                           {name: (STRATEGIES[name].colour, STRATEGIES[name].marker) for name in curves}, files.CURVES_PNG)
     if headline:
-        baseline_keep = [[r[f"keep_h{h}"] for h in range(len(heads))] for r in rows if r["strategy"] == PER_CLASS and r["alpha"] == 0.0]
-        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], config.class_names, heads, files.HEAD_KEEP_HEATMAP)
+        baseline_keep = [[r[f"keep_h{h}"] for h in range(len(all_heads))] for r in rows
+                         if r["strategy"] == PER_CLASS and r["alpha"] == 0.0 and r["draw"] == 0]
+        plots.keep_rate_heatmap(baseline_keep, [c.keep_rates for c in headline], config.class_names, all_heads, files.HEAD_KEEP_HEATMAP)
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], config.class_names, files.CLASS_USAGE_PNG)
-    draw_frontiers(ceiling, read_patterns(ceiling_files.PATTERNS), rows, featured(headline, sp.top_classes))
+    draw_frontiers(ceiling, read_patterns(ceiling_files.PATTERNS), final_rows, featured(headline, sp.top_classes))
+    series = {"unsteered": across.unsteered, **({"per-class steering (headline)": across.headline} if across.headline else {})}
+    plots.block_usage_bars([f"b{b}" for b in across.gated], series, files.BLOCK_USAGE,
+                           f"Head usage per gated block (steered: {', '.join(f'b{b}' for b in across.steered)})")
     write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
     write_text(files.REPORT, render_report(inputs))
     log.info("report in %s", files.REPORT)

@@ -41,18 +41,24 @@ LOG_EVERY = 10  # epochs between progress lines in the log
 
 
 def run(cfg: SaeParams) -> None:
-    clean_outputs(*files.WRITES)
+    fit(cfg, files.FINAL)
+
+
+def fit(cfg: SaeParams, out: files.SaeFiles, block: int | None = None) -> None:
+    """Train an SAE on the CLS inputs of `block` (None: the final block) and write it to `out`."""
+    clean_outputs(*out.writes)
     train_path, test_path = extract.embeddings_split("train"), extract.embeddings_split("test")
-    train, test = read_embeddings(train_path), read_embeddings(test_path)
+    train, test = read_embeddings(train_path, block), read_embeddings(test_path, block)
     same_width(test.dim, test_path, train.dim, train_path, rerun="extract")
     n_latents = resolve_n_latents(cfg, train.dim)  # ParamsError (exit 2) before any work
     device = pick_device(cfg.device)
-    log.info("training a %s SAE %d -> %d (k %d) on %d embeddings for %d epochs on %s",
-             cfg.architecture, train.dim, n_latents, cfg.k, train.x.shape[0], cfg.epochs, device)
+    log.info("training a %s SAE %d -> %d (k %d) on %d embeddings of block %s for %d epochs on %s",
+             cfg.architecture, train.dim, n_latents, cfg.k, train.x.shape[0], train.meta["layer"] if block is None else block,
+             cfg.epochs, device)
     if cfg.architecture == "frozen_random":
         log.info("frozen_random: the weights stay at their random initialisation (the epochs only record the objective)")
 
-    epoch_log = EpochLog(files.LOG)
+    epoch_log = EpochLog(out.log)
 
     def report(row: dict[str, Any]) -> None:
         epoch_log.epoch(row["epoch"], curves={name: row[key] for key, name in LOGGED.items()}, headline={"fvu": row["test_fvu"]})
@@ -72,10 +78,10 @@ def run(cfg: SaeParams) -> None:
     log.info("mean training throughput %.0f samples/s", speed)
 
     sae = sae.to("cpu")
-    save_sae(files.SAE, sae, {
+    save_sae(out.sae, sae, {
         "params": cfg.model_dump(mode="json"),
         "model_hash": train.meta.get("model_hash"),
-        "layer": train.meta.get("layer"),
+        "layer": train.meta.get("layer") if block is None else block,
     })
     on_train, on_test = evaluate_sae(sae, train.x), evaluate_sae(sae, test.x)
     log.info("train FVU %.4f, test FVU %.4f, test L0 %.1f, dead fraction %.3f",
@@ -95,4 +101,4 @@ def run(cfg: SaeParams) -> None:
         "n_test": int(test.x.shape[0]),
         "history": [rounded({key: row[key] for key in CURVE_KEYS}) for row in history],
     }
-    write_json(files.DETAILS, details)
+    write_json(out.details, details)

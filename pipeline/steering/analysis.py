@@ -46,6 +46,34 @@ from pipeline.steering.uncertainty import interval, side
 
 
 @dataclass(frozen=True)
+class UsageCost:
+    """GFLOPs per image from the usage a tally measures: the blocks the tally's heads cover
+    (`blocks`) at that usage, every other block at the unsteered model's usage."""
+
+    flops: FlopModel
+    usage_per_block: list[float]
+    """Every block's head usage, unsteered (finetune's, on test; ungated blocks 1)."""
+    blocks: list[int]
+    """The final block for the final-block sweep; every gated block for a multi-block one, whose
+    tally's usage is the mean over them (exact when the blocks share one per-head cost)."""
+
+    def __post_init__(self) -> None:
+        if len({self.flops.per_head[b] for b in self.blocks}) > 1:
+            raise ValueError(f"blocks {self.blocks} differ in per-head FLOPs: one mean usage does not give their GFLOPs")
+
+    def gflops(self, usage: float) -> float:
+        per_block = list(self.usage_per_block)
+        for b in self.blocks:
+            per_block[b] = usage
+        return self.flops.from_usage(per_block) / 1e9
+
+    @property
+    def attention_gflops_dense(self) -> float:
+        """The attention of the covered blocks with every head kept."""
+        return sum(self.flops.per_head[b] for b in self.blocks) * self.flops.num_heads / 1e9
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """What the sweep ran on, recorded in the details' settings."""
 
@@ -55,10 +83,11 @@ class RunInfo:
 
 
 def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerParams, class_names: list[str], n_heads: int,
-            flops: FlopModel, usage_per_block: list[float], run: RunInfo) -> tuple[SteerDetails, list[ClassHeadline]]:
+            cost: UsageCost, run: RunInfo, names: list[str] | None = None) -> tuple[SteerDetails, list[ClassHeadline]]:
     """metrics/details/steer.json's content and the per-class headline. `tallies` and `rows`
-    hold the test split and, when `sp.select_on` is `val`, the validation split; the FLOPs
-    keep every block but the final one at `usage_per_block` (finetune's, on test)."""
+    hold the test split and, when `sp.select_on` is `val`, the validation split; `n_heads` is
+    the tally's (the final block's, or G x H over the gated blocks), `names` their printed names
+    (default h0..); `cost` turns the tally's usage into GFLOPs."""
     n_classes = len(class_names)
     test, select = tallies["test"], tallies[sp.select_on]
     labels = test.all_labels
@@ -71,15 +100,15 @@ def analyse(tallies: dict[str, Tally], rows: dict[str, list[dict]], sp: SteerPar
             usage = torch.stack([o[2] for o in outcomes])
             ci = curve_intervals(curve.alpha, correct, usage, labels, n_classes, sp.bootstrap, sp.confidence, sp.seed)
             curve.accuracy_ci, curve.head_usage_ci = ci["accuracy_ci"], ci["head_usage_ci"]
-    gflops = lambda final_usage: flops.from_usage([*usage_per_block[:-1], final_usage]) / 1e9  # noqa: E731
+    gflops = cost.gflops
     for curve in curves.values():
         curve.gflops = [gflops(u) for u in curve.head_usage]
-    names = head_names(n_heads, sp.head_index_base)
+    names = names or head_names(n_heads, sp.head_index_base)
     details = SteerDetails(
         baseline=Baseline(accuracy=base_acc, head_usage=base_usage),
         strategies=curves,
-        flops=Flops(gflops_dense=flops.dense / 1e9, gflops_unsteered=gflops(base_usage),
-                    final_block_attention_gflops_dense=flops.per_head[-1] * n_heads / 1e9),
+        flops=Flops(gflops_dense=cost.flops.dense / 1e9, gflops_unsteered=gflops(base_usage),
+                    final_block_attention_gflops_dense=cost.attention_gflops_dense),
         settings=Settings(mode=sp.mode, keep_error=sp.keep_error, accuracy_tolerance=sp.accuracy_tolerance,
                           select_on=sp.select_on, bootstrap=sp.bootstrap, confidence=sp.confidence,
                           null_draws=sp.null_draws, head_index_base=sp.head_index_base,

@@ -55,6 +55,24 @@ def read_results(path: Path | str, split: str | None = None) -> ResultRows:
     return [r for r in rows if r["split"] == split] if split is not None else rows
 
 
+# --------------------------------------------------------------------- the per-block rows
+def write_block_rows(path: Path | str, rows: ResultRows, n_heads: int) -> None:
+    """data/steer/blocks.parquet (multi-block steering only): results.parquet's rows for each
+    gated block's own heads, with a `block` column: one row per (split, block, strategy, alpha,
+    draw, class); accuracy is the whole model's, head_usage and keep_h<h> that block's."""
+    schema = results_schema(n_heads)
+    schema = schema.insert(1, pa.field("block", pa.int32()))
+    write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
+
+
+def read_block_rows(path: Path | str, split: str | None = None) -> ResultRows:
+    """blocks.parquet's rows (of one split, when given), columns checked."""
+    required = {name: results_schema(0).field(name).type for name in results_schema(0).names}
+    table, _ = read_table(path, {**required, "block": pa.int32()}, every_column=True)
+    rows = table.to_pylist()
+    return [r for r in rows if r["split"] == split] if split is not None else rows
+
+
 # --------------------------------------------------------------------------- the headline
 def write_headline(path: Path | str, headline: list[ClassHeadline], n_heads: int) -> None:
     """One row per class: the alpha chosen on the selection split and the test-split outcome."""
@@ -140,6 +158,11 @@ class Settings:
     model_sha256: str | None = None
     """The weights the rows came from: `export-pruned --heads headline` refuses others (None:
     a sweep from before steer recorded it)."""
+    blocks: list[int] | None = field(default=None, metadata=OMIT)
+    """The steered blocks when `steer.blocks` is not the final block alone (absent otherwise):
+    then every usage here, and results.parquet's, is the mean over `gated_blocks`, and head h of
+    the g-th gated block is head g * H + h; blocks.parquet holds each block's own."""
+    gated_blocks: list[int] | None = field(default=None, metadata=OMIT)
 
 
 @dataclass

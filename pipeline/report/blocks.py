@@ -1,0 +1,98 @@
+"""The report's view across blocks: each gated block's head usage unsteered, at the per-class
+steering headline and (when `ceiling` searched several blocks) at the ceiling, and the model's
+GFLOPs per image for each.
+
+For a final-block sweep only the final block moves (the earlier blocks' usage is finetune's);
+for a multi-block sweep (`steer.blocks`), each block's usage comes from data/steer/blocks.parquet
+at each class's headline alpha. Both are class means over the test split, as the headline's
+mean usage change is, so the blocks' mean change equals that headline (checked here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.steering.results import SteerDetails
+from pipeline.steering.strategies import PER_CLASS
+
+
+@dataclass(frozen=True)
+class BlockUsage:
+    gated: list[int]
+    """The gated blocks, in order."""
+    steered: list[int]
+    """The blocks steering changed directly (`steer.blocks`)."""
+    unsteered: list[float]
+    """Per gated block: class-mean head usage on test, unsteered."""
+    headline: list[float] | None
+    """Per gated block: class-mean head usage on test at each class's headline alpha (None:
+    no per-class headline)."""
+    gflops_unsteered: float
+    gflops_headline_change: float | None
+    attention_gflops_per_block: float
+    """One gated block's attention with every head kept (the blocks share one shape)."""
+
+    @property
+    def headline_change(self) -> list[float] | None:
+        return None if self.headline is None else [h - u for h, u in zip(self.headline, self.unsteered)]
+
+
+def block_usage(steer: SteerDetails, rows: list[dict], usage_per_block: list[float], keep_layers: int) -> BlockUsage:
+    """The view from steer's details and its test-split rows: blocks.parquet's for a multi-block
+    sweep, results.parquet's (the final block's) otherwise; `usage_per_block` is finetune's
+    (every block, on test), the usage of the blocks a final-block sweep leaves alone."""
+    depth = len(usage_per_block)
+    gated = list(range(keep_layers, depth))
+    headline = steer.per_class_headline
+    multi = steer.settings.blocks is not None
+    moving = gated if multi else [depth - 1]
+    if not multi:
+        rows = [{**r, "block": depth - 1} for r in rows]
+    rows = [r for r in rows if r["strategy"] == PER_CLASS and r["draw"] == 0 and r["n"]]
+
+    def class_mean(block: int, alpha_of) -> float:
+        usage = [r["head_usage"] for r in rows if r["block"] == block and r["alpha"] == alpha_of(r["class"])]
+        return sum(usage) / len(usage)
+
+    unsteered = [class_mean(b, lambda c: 0.0) if b in moving else usage_per_block[b] for b in gated]
+    at_headline = None
+    if headline is not None:
+        at_headline = [class_mean(b, headline.alpha.get) if b in moving else usage_per_block[b] for b in gated]
+        mean_change = sum(at_headline[gated.index(b)] - unsteered[gated.index(b)] for b in moving) / len(moving)
+        if abs(mean_change - headline.mean_usage_change) > 1e-9:
+            raise ValueError(f"the per-block usage changes average {mean_change:+.6f}, the headline says "
+                             f"{headline.mean_usage_change:+.6f}: the files come from different sweeps; rerun steer")
+    return BlockUsage(gated=gated, steered=steer.settings.blocks or [depth - 1], unsteered=unsteered, headline=at_headline,
+                      gflops_unsteered=steer.flops.gflops_unsteered,
+                      gflops_headline_change=None if headline is None else headline.mean_gflops_change,
+                      attention_gflops_per_block=steer.flops.final_block_attention_gflops_dense / len(moving))
+
+
+def render_blocks(view: BlockUsage, ceiling_rows: list[tuple[str, list[float], float, float]] | None = None) -> list[str]:
+    """The report's section: a table of usage per gated block and the GFLOPs change.
+    `ceiling_rows`: (name, usage per gated block, GFLOPs change, accuracy change) of ceiling
+    configurations to show beside steering."""
+    names = [f"b{b}" for b in view.gated]
+    steered = ", ".join(f"b{b}" for b in view.steered)
+    lines = [
+        "## Across blocks",
+        "",
+        f"Steered blocks: {steered} (`steer.blocks`); gated blocks {', '.join(names)}. Head usage per gated block on the test "
+        "split (class means), and the whole model's matmul GFLOPs per image; a steered block changes every later block's input "
+        "and so its gates too.",
+        "",
+        "| | " + " | ".join(names) + " | GFLOPs change per image |",
+        "|---|" + "---|" * len(names) + "---|",
+        "| unsteered | " + " | ".join(f"{u:.3f}" for u in view.unsteered) + f" | {view.gflops_unsteered:.4g} (the model) |",
+    ]
+    if view.headline is not None and view.gflops_headline_change is not None:
+        change = view.gflops_headline_change
+        lines.append("| per-class steering (headline alphas) | " + " | ".join(f"{u:.3f}" for u in view.headline)
+                     + f" | {change:+.4g} ({100 * change / view.gflops_unsteered:+.1f}%) |")
+    for name, usage, gflops_change, _ in ceiling_rows or []:
+        lines.append(f"| {name} | " + " | ".join(f"{u:.3f}" for u in usage)
+                     + f" | {gflops_change:+.4g} ({100 * gflops_change / view.gflops_unsteered:+.1f}%) |")
+    lines += ["", f"One gated block's attention with every head kept: {view.attention_gflops_per_block:.4g} GFLOPs per image "
+              f"({100 * view.attention_gflops_per_block / view.gflops_unsteered:.1f}% of the unsteered model).",
+              "", "![head usage per gated block](plots/block_usage.png)", ""]
+    return lines
