@@ -5,12 +5,14 @@ Heads are chosen on the training split (a majority of the classes' training imag
 block by block) and everything reported is on the test split. Reads the finished `finetune`
 and `download` outputs; writes `<out>/model.safetensors`, `<out>/config.json`, `<out>/export.json`.
 
-`heads="headline"` takes the final block's heads from the steering headline instead: at each
-class's selected alpha (chosen on the selection split, `steer.select_on`), the heads a majority
-of those classes' selection-split images keep when their own latents are steered. Steering
-changes only the final block's gates, so on an image whose steered gates are those heads the
-compact model computes what the steered gated model computes, with no SAE and no decision
-network; the export reports the steered model's test accuracy beside the compact model's. The
+`heads="headline"` takes the heads from the steering headline instead: at each class's selected
+alpha (chosen on the selection split, `steer.select_on`), the heads a majority of those classes'
+selection-split images keep when their own latents are steered, in the final block for a
+final-block sweep and in every gated block for a multi-block one (`steer.blocks`: a steered
+block changes the later blocks' gates too, so all of them come from the sweep's rows). On an
+image whose steered gates are those heads the compact model computes what the steered gated
+model computes, with no SAE and no decision network; the export reports the steered model's
+test accuracy beside the compact model's. The
 sweep must have run on these weights (steer records their SHA-256); a stale one is refused.
 """
 
@@ -29,7 +31,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flop_model
 from pipeline.model.gated_vit import GatedViT, load_gated_vit
 from pipeline.model.pruned import latency, majority_heads, prune, save_pruned
-from pipeline.steering.results import read_details, read_results
+from pipeline.steering.results import read_block_rows, read_details, read_results
 from pipeline.steering.strategies import PER_CLASS
 from pipeline.storage import rounded, weights_sha256, write_json
 
@@ -60,12 +62,13 @@ def predictions(vit: torch.nn.Module, config: ModelConfig, images: torch.Tensor,
     return torch.cat([vit(config.preprocess(batch)).argmax(-1) for batch in _batches(images, batch_size)])
 
 
-def headline_heads(classes: list[str], n_heads: int, model_sha256: str) -> tuple[list[int], dict[str, Any]]:
-    """The final block's heads at the steering headline for `classes`: the heads kept by a
-    majority of their selection-split images at each class's selected alpha (strategy
+def headline_heads(classes: list[str], n_heads: int, model_sha256: str, final_block: int) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    """Heads at the steering headline for `classes`, per block the sweep reports: the heads kept
+    by a majority of their selection-split images at each class's selected alpha (strategy
     per_class, rates pooled over the classes by image count), and what the steered gated model
-    scored on test at those alphas. Refuses a sweep that ran on other weights than
-    `model_sha256` (the model being exported)."""
+    scored on test at those alphas. A final-block sweep gives the final block's heads; a
+    multi-block sweep (`steer.blocks`) every gated block's, from data/steer/blocks.parquet.
+    Refuses a sweep that ran on other weights than `model_sha256` (the model being exported)."""
     if not steer.DETAILS.exists() or not steer.RESULTS.exists():
         raise PipelineError(f"{steer.DETAILS} or {steer.RESULTS} is missing: run `dvc repro steer` first")
     details = read_details(steer.DETAILS)
@@ -79,26 +82,37 @@ def headline_heads(classes: list[str], n_heads: int, model_sha256: str) -> tuple
     if headline is None:
         raise PipelineError(f"{steer.DETAILS} has no per-class headline ({PER_CLASS} not among steer.strategies)")
     alphas, split = headline.alpha, headline.selected_on
-    rows = [r for r in read_results(steer.RESULTS)
-            if r["strategy"] == PER_CLASS and r["class"] in classes and r["alpha"] == alphas.get(r["class"])]
+    gated = details.settings.gated_blocks
+    if gated is None:  # a final-block sweep: results.parquet is the final block's
+        all_rows = [{**r, "block": final_block} for r in read_results(steer.RESULTS)]
+        blocks = [final_block]
+    else:
+        all_rows, blocks = read_block_rows(steer.BLOCKS), gated
+    rows = [r for r in all_rows if r["strategy"] == PER_CLASS and r["class"] in classes and r["alpha"] == alphas.get(r["class"])]
 
-    def pooled(on: str) -> tuple[int, list[float], float]:
-        chosen = [r for r in rows if r["split"] == on and r["n"]]
+    def pooled(on: str, block: int) -> tuple[int, list[float], float]:
+        chosen = [r for r in rows if r["split"] == on and r["n"] and r["block"] == block]
         n = sum(r["n"] for r in chosen)
         if not n:
             raise PipelineError(f"{steer.RESULTS}: no {on} rows for {classes} at their headline alphas; rerun steer")
         keep = [sum(r["n"] * r[f"keep_h{h}"] for r in chosen) / n for h in range(n_heads)]
         return n, keep, sum(r["n"] * r["accuracy"] for r in chosen) / n
 
-    n_sel, keep_sel, _ = pooled(split)
-    n_test, keep_test, acc_test = pooled("test")
-    heads = [h for h in range(n_heads) if keep_sel[h] > 0.5]
+    heads, info = {}, {"keep_rates_on_selection_split": {}, "head_usage_on_test": {}}
+    for block in blocks:
+        n_sel, keep_sel, _ = pooled(split, block)
+        n_test, keep_test, acc_test = pooled("test", block)
+        heads[block] = [h for h in range(n_heads) if keep_sel[h] > 0.5]
+        info["keep_rates_on_selection_split"][f"block{block}"] = keep_sel
+        info["head_usage_on_test"][f"block{block}"] = sum(keep_test) / n_heads
     return heads, {
         "alphas": {c: alphas[c] for c in classes},
         "selected_on": split,
-        "keep_rates_on_selection_split": keep_sel,
+        "steered_blocks": details.settings.blocks,
         "images": {split: n_sel, "test": n_test},
-        "steered_gated_on_test": {"accuracy_chosen_classes": acc_test, "head_usage": sum(keep_test) / n_heads},
+        "steered_gated_on_test": {"accuracy_chosen_classes": acc_test,
+                                  "head_usage": sum(info["head_usage_on_test"].values()) / len(blocks)},
+        **info,
     }
 
 
@@ -118,7 +132,9 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     kept = majority_heads(train_gates)
     steered = None
     if heads == "headline":
-        kept[-1], steered = headline_heads(classes, model.num_heads, weights_sha256(finetune.MODEL))
+        by_block, steered = headline_heads(classes, model.num_heads, weights_sha256(finetune.MODEL), model.depth - 1)
+        for block, block_heads in by_block.items():
+            kept[block - model.keep_layers] = block_heads
     compact = prune(model, kept)
 
     dense_pred, test_gates = gated_outputs(model, config, test.images, batch_size)
@@ -168,7 +184,8 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
         "latency_ms": {f"batch{b}": {k: 1000 * v for k, v in t.items()} for b, t in timings.items()},
         "latency_note": (f"median of {latency_rounds} calls on {torch.get_num_threads()} CPU threads; gated = the masked path "
                          "(every head computed), gated_skipping = the head-skipping path (only each image's kept heads)"),
-        "heads_chosen_on": "train" if steered is None else f"train (final block: steering headline, {steered['selected_on']})",
+        "heads_chosen_on": "train" if steered is None else
+        f"train (blocks {', '.join(map(str, sorted(by_block)))}: steering headline, {steered['selected_on']})",
         "reported_on": "test",
     }
     if steered is not None:
@@ -185,7 +202,8 @@ def describe(result: dict[str, Any]) -> str:
     chosen = "majority of their training images"
     if steered:
         alphas = ", ".join(f"{c} {a:+g}" for c, a in steered["alphas"].items())
-        chosen += f"; final block: the steering headline's, at alphas {alphas}, majority on {steered['selected_on']}"
+        where = "final block" if not steered.get("steered_blocks") else "every gated block (a multi-block sweep)"
+        chosen += f"; {where}: the steering headline's, at alphas {alphas}, majority on {steered['selected_on']}"
     lines = [
         f"classes {', '.join(result['classes'])}: {result['heads_kept']} of {result['heads_gated']} gated heads kept "
         f"({chosen}); " + "; ".join(f"{b}: {k}" for b, k in result["kept_heads"].items()),
@@ -200,7 +218,7 @@ def describe(result: dict[str, Any]) -> str:
     if steered:
         on_test = steered["steered_gated_on_test"]
         lines.append(f"| gated, steered at those alphas (own class's latents) | {pct(on_test['accuracy_chosen_classes'])} | - | "
-                     f"final-block usage {on_test['head_usage']:.2f} | - | - |")
+                     "usage " + ", ".join(f"{b} {u:.2f}" for b, u in steered["head_usage_on_test"].items()) + " | - | - |")
     lines += [
         f"| compact | {pct(acc['compact']['chosen_classes'])} | {pct(acc['compact']['all'])} | {fl['compact']:.4g} | "
         f"{lat['batch32']['compact']:.1f} ms | {lat['batch1']['compact']:.2f} ms |",

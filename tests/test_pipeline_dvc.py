@@ -108,7 +108,7 @@ def test_export_pruned_keeps_the_majority_heads_or_the_headline_heads(finished):
     with_headline = json.loads((repo / f"explore/pruned-{pair[0]}-{pair[1]}-headline/export.json").read_text())
     blocks = list(result["kept_heads"])
     assert [with_headline["kept_heads"][b] for b in blocks[:-1]] == [result["kept_heads"][b] for b in blocks[:-1]]
-    rates = with_headline["steering_headline"]["keep_rates_on_selection_split"]
+    rates = with_headline["steering_headline"]["keep_rates_on_selection_split"][blocks[-1]]
     assert with_headline["kept_heads"][blocks[-1]] == [h for h, rate in enumerate(rates) if rate > 0.5]
     assert "steered at those alphas" in steered.stdout
     assert cli(repo, "export-pruned", "--classes", "no-such-class").returncode == 1

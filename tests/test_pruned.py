@@ -97,17 +97,47 @@ def test_headline_heads_pool_the_selection_split_by_image_count(tmp_path, monkey
     ]
     Path("data/steer").mkdir(parents=True)
     write_results(Path("data/steer/results.parquet"), rows, 3)
-    heads, info = headline_heads(["a", "b"], 3, "ab" * 32)
+    heads, info = headline_heads(["a", "b"], 3, "ab" * 32, final_block=2)
     # pooled: h0 10/40 = 0.25, h1 30/40 = 0.75, h2 (6 + 15)/40 = 0.525 (unpooled means: 0.5, 0.5, 0.55)
-    assert heads == [1, 2]
-    assert info["keep_rates_on_selection_split"] == pytest.approx([0.25, 0.75, 0.525])
+    assert heads == {2: [1, 2]}
+    assert info["keep_rates_on_selection_split"]["block2"] == pytest.approx([0.25, 0.75, 0.525])
     assert info["alphas"] == {"a": 4.0, "b": -1.0} and info["images"] == {"val": 40, "test": 40}
     assert info["steered_gated_on_test"]["accuracy_chosen_classes"] == pytest.approx(0.75)
     assert info["steered_gated_on_test"]["head_usage"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)
 
     # A sweep that ran on other weights is refused; one that does not say (older runs) is read.
     with pytest.raises(PipelineError, match="other weights"):
-        headline_heads(["a", "b"], 3, "cd" * 32)
+        headline_heads(["a", "b"], 3, "cd" * 32, final_block=2)
     del details["settings"]["model_sha256"]
     write_json(Path("metrics/details/steer.json"), details)
-    assert headline_heads(["a", "b"], 3, "cd" * 32)[0] == [1, 2]
+    assert headline_heads(["a", "b"], 3, "cd" * 32, final_block=2)[0] == {2: [1, 2]}
+
+
+def test_headline_heads_of_a_multi_block_sweep_come_from_every_gated_blocks_rows(tmp_path, monkeypatch):
+    """A multi-block sweep (settings.blocks): every gated block's heads from blocks.parquet, each
+    pooled by image count at the classes' alphas; results.parquet (G x H heads) is not read for them."""
+    from pipeline.export_pruned import headline_heads
+    from pipeline.steering.results import write_block_rows, write_results
+    from pipeline.storage import write_json
+
+    monkeypatch.chdir(tmp_path)
+    details = steer_details(["per_class"], True)
+    details["per_class_headline"].update(alpha={"a": 4.0, "b": -1.0}, selected_on="val")
+    details["settings"].update(model_sha256="ab" * 32, blocks=[1, 2], gated_blocks=[1, 2])
+    write_json(Path("metrics/details/steer.json"), details)
+
+    def row(split, block, alpha, cls, n, keep):
+        return {"split": split, "block": block, "strategy": "per_class", "alpha": alpha, "draw": 0, "class_id": ord(cls) - 97,
+                "class": cls, "n": n, "accuracy": 1.0, "head_usage": sum(keep) / 3, **{f"keep_h{h}": k for h, k in enumerate(keep)}}
+
+    rows = [row("val", 1, 4.0, "a", 10, [1.0, 0.0, 0.0]), row("val", 1, -1.0, "b", 30, [1.0, 1.0, 0.0]),
+            row("val", 2, 4.0, "a", 10, [0.0, 0.0, 1.0]), row("val", 2, -1.0, "b", 30, [0.0, 0.4, 1.0]),
+            row("val", 2, 0.0, "a", 10, [1.0, 1.0, 1.0]),  # not a's alpha
+            *(row("test", b, a, c, 5, [1.0, 1.0, 1.0]) for b in (1, 2) for a, c in ((4.0, "a"), (-1.0, "b")))]
+    Path("data/steer").mkdir(parents=True)
+    write_block_rows(Path("data/steer/blocks.parquet"), rows, 3)
+    write_results(Path("data/steer/results.parquet"), [], 6)
+    heads, info = headline_heads(["a", "b"], 3, "ab" * 32, final_block=2)
+    assert heads == {1: [0, 1], 2: [2]}  # block 2, h1: (0 + 12) / 40 = 0.3, not kept
+    assert info["keep_rates_on_selection_split"]["block2"] == pytest.approx([0.0, 0.3, 1.0])
+    assert info["steered_blocks"] == [1, 2] and info["head_usage_on_test"] == {"block1": 1.0, "block2": 1.0}
