@@ -113,6 +113,7 @@ def test_the_ceiling_equals_brute_force_through_the_full_final_block(tolerance):
     assert rows[("val", 2, 3)]["heads_kept"] == 2
 
     summary = summarise(found, test, N_CLASSES, "val", ["h0", "h1", "h2", "h3"], 0, 0.95, 0)
+    assert summary.mean_usage_change_ci == summary.mean_accuracy_change_ci == [None, None]  # no resamples: JSON has no NaN
     changes = [c.usage - c.baseline_usage for c in found.classes]
     assert summary.mean_usage_change == pytest.approx(sum(changes) / len(changes))
     assert summary.classes_with_reduction == sum(ch < 0 for ch in changes)

@@ -1,18 +1,33 @@
 """The ceiling across blocks (pipeline/steering/ceiling_blocks.py): configurations evaluated
 against the model with its decision networks patched, the search against every single-block
-ceiling, the final block's `ceiling.py` and an exhaustive joint search."""
+ceiling, the final block's `ceiling.py` and an exhaustive joint search; then the `ceiling` stage
+with `steer.blocks: all` on a tiny project whose ViT gates blocks 1 and 2 (its rows recomputed
+from the stored configurations) and with the default `final` (no multi-block outputs, the same
+final-block ones)."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.data.dataset import load_images
+from pipeline.errors import PipelineError
+from pipeline.layout import ceiling as files
+from pipeline.layout import download as download_files
+from pipeline.layout import finetune as finetune_files
 from pipeline.model.flops import flop_model
-from pipeline.model.gated_vit import build_gated_vit, model_config
+from pipeline.model.gated_vit import build_gated_vit, load_gated_vit, model_config
+from pipeline.params.file import parse_params
 from pipeline.params.model import ModelParams
-from pipeline.steering.ceiling import search_ceiling, split_terms
+from pipeline.stages import ceiling as ceiling_stage
+from pipeline.stages import download, extract, finetune
+from pipeline.steering.ceiling import read_block_classes, read_classes, read_details, search_ceiling, split_terms
 from pipeline.steering.ceiling_blocks import (
     OWN,
     block_split,
@@ -25,7 +40,7 @@ from pipeline.steering.ceiling_blocks import (
 )
 from pipeline.steering.uncertainty import class_means
 
-from conftest import TINY_SHAPE
+from conftest import TINY_PARAMS, TINY_SHAPE, _merge
 
 SHAPE = {**TINY_SHAPE, "num_heads": 3}  # depth 3: gated blocks 1 and 2, 8 patterns each
 N_CLASSES = 3
@@ -182,3 +197,131 @@ def test_the_search_against_an_exhaustive_joint_search():
         assert float(acc[mine, c]) >= float(acc[0, c]) - 1e-12
         sel = yv == c
         assert float(found.select.gflops[-1][sel].mean()) == pytest.approx(float(cost[mine, c]), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ the stage
+BLOCKS_PARAMS = _merge(TINY_PARAMS, {"model": {"depth": 3}, "steer": {"blocks": "all", "bootstrap": 20}})
+"""Gated blocks 1 and 2 (the final one) of 3 heads: 8 patterns each."""
+FINAL_OUTPUTS = (files.PATTERNS, files.CLASSES, files.METRICS, files.DETAILS)
+
+
+@pytest.fixture(scope="module")
+def ceiling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project run up to `extract`, then `ceiling` with `steer.blocks: final` (its outputs
+    moved under final/) and with `all`."""
+    root = tmp_path_factory.mktemp("ceiling-blocks")
+    params = parse_params(BLOCKS_PARAMS, "params")
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        download.run(params.data)
+        finetune.run(params.model, params.finetune)
+        extract.run(params.extract)
+        ceiling_stage.run(params.ceiling, params.steer.model_copy(update={"blocks": "final"}))
+        for path in (files.CEILING, files.METRICS, files.DETAILS):
+            (root / "final" / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, root / "final" / path)
+        ceiling_stage.run(params.ceiling, params.steer)
+    finally:
+        os.chdir(old)
+    return root
+
+
+def _codes(row: dict, blocks: list[int]) -> list[int]:
+    """A blocks.parquet row's configuration: per searched block its pattern's code or OWN."""
+    return [OWN if row[f"heads_b{b}"] is None else sum(1 << h for h in row[f"heads_b{b}"]) for b in blocks]
+
+
+def test_the_stage_rows_are_what_the_stored_configurations_give(ceiling_run):
+    """Rebuild each (configuration, class)'s codes from blocks.parquet, evaluate them on each
+    split with `evaluate_configs` and compare with every stored number; the details' rows and
+    the headline follow from the test rows."""
+    rows, blocks, gated = read_block_classes(ceiling_run / files.BLOCKS)
+    assert blocks == [1, 2] and gated == [1, 2]
+    model, config = load_gated_vit(ceiling_run / finetune_files.MODEL)
+    names = ["own", "block 1", "block 2", "blocks"]
+    n_classes = len(config.class_names)
+    assert len(rows) == 2 * len(names) * n_classes
+    for split in ("val", "test"):
+        images = load_images(ceiling_run / download_files.dataset_split(split))
+        stream = block_split(model, config, images.images, images.labels, 1, 16, CPU)
+        mine = {(r["configuration"], r["class_id"]): r for r in rows if r["split"] == split}
+        codes = torch.tensor([[_codes(mine[(name, c)], blocks) for c in range(n_classes)] for name in names])  # (V, C, J)
+        out = evaluate_configs(model, stream, blocks, codes[:, images.labels])
+        accuracy, gflops = class_means(out.correct, images.labels, n_classes), class_means(out.gflops, images.labels, n_classes)
+        usage = class_means(out.usage.transpose(1, 2), images.labels, n_classes)
+        for v, name in enumerate(names):
+            for c in range(n_classes):
+                row = mine[(name, c)]
+                assert row["n"] == int((images.labels == c).sum()) and row["class"] == config.class_names[c]
+                assert row["accuracy"] == pytest.approx(float(accuracy[v, c]), abs=1e-12)
+                assert row["gflops"] == pytest.approx(float(gflops[v, c]), rel=1e-12)
+                for g, b in enumerate(gated):
+                    assert row[f"usage_b{b}"] == pytest.approx(float(usage[v, g, c]), abs=1e-7)
+        # own gates everywhere in row own; a single-block ceiling fixes its block only
+        assert (codes[0] == OWN).all() and (codes[1, :, 1] == OWN).all() and (codes[2, :, 0] == OWN).all()
+    test_rows = [r for r in rows if r["split"] == "test"]
+    mean = lambda name, key: sum(r[key] for r in test_rows if r["configuration"] == name) / n_classes  # noqa: E731
+    details = read_details(ceiling_run / files.DETAILS).blocks
+    assert (details.blocks, details.gated_blocks, details.select_on) == ([1, 2], [1, 2], "val")
+    assert details.evaluations == 1 + 2 * 9 + 2 * 10 and details.block_runs > 0
+    assert set(details.rows) == set(names)
+    for name in names:
+        got = details.rows[name]
+        assert got.accuracy == pytest.approx(mean(name, "accuracy")) and got.gflops == pytest.approx(mean(name, "gflops"))
+        assert got.mean_gflops_change == pytest.approx(mean(name, "gflops") - mean("own", "gflops"))
+        assert got.mean_gflops_relative_change == pytest.approx(got.mean_gflops_change / mean("own", "gflops"))
+        assert got.mean_accuracy_change == pytest.approx(mean(name, "accuracy") - mean("own", "accuracy"))
+        for b in gated:
+            assert got.usage_change[f"b{b}"] == pytest.approx(mean(name, f"usage_b{b}") - mean("own", f"usage_b{b}"), abs=1e-7)
+        assert got.mean_usage_change == pytest.approx(sum(got.usage_change.values()) / len(gated), abs=1e-7)
+        low, high = got.mean_gflops_change_ci
+        assert low <= got.mean_gflops_change + 1e-12 and got.mean_gflops_change <= high + 1e-12
+    headline = json.loads((ceiling_run / files.METRICS).read_text())
+    assert headline["blocks_gflops_drop"] == pytest.approx(-details.rows["blocks"].mean_gflops_relative_change, rel=1e-5)
+    assert headline["blocks_acc_change"] == pytest.approx(details.rows["blocks"].mean_accuracy_change, abs=1e-6)
+
+
+def test_the_stage_blocks_ceiling_is_no_worse_than_each_single_block_ceiling_on_the_selection_split(ceiling_run):
+    rows, blocks, _ = read_block_classes(ceiling_run / files.BLOCKS)
+    val = {(r["configuration"], r["class_id"]): r for r in rows if r["split"] == "val"}
+    classes = sorted({c for _, c in val})
+    for c in classes:
+        best, own = val[("blocks", c)], val[("own", c)]
+        assert best["accuracy"] >= own["accuracy"] - BLOCKS_PARAMS["steer"].get("accuracy_tolerance", 0.0) - 1e-12
+        for b in blocks:
+            assert best["gflops"] <= val[(f"block {b}", c)]["gflops"] + 1e-12, (c, b)
+    assert any(val[("blocks", c)]["gflops"] < val[("own", c)]["gflops"] for c in classes)  # the search finds something
+    # the final block's single-block ceiling is the final-block ceiling's pattern, class by class
+    final = {c.class_id: c.pattern for c in read_classes(ceiling_run / files.CLASSES)}
+    assert [_codes(val[("block 2", c)], blocks)[1] for c in classes] == [final[c] for c in classes]
+
+
+def test_the_default_run_writes_no_multi_block_outputs_and_the_same_final_block_ones(ceiling_run):
+    final = ceiling_run / "final"
+    assert not (final / files.BLOCKS).exists() and (ceiling_run / files.BLOCKS).exists()
+    details = json.loads((final / files.DETAILS).read_text())
+    assert "blocks" not in details and read_details(final / files.DETAILS).blocks is None
+    assert json.loads((final / files.METRICS).read_text()).keys() == {"ceiling_drop"}
+    for path in (files.PATTERNS, files.CLASSES):
+        assert (final / path).read_bytes() == (ceiling_run / path).read_bytes(), path
+    everything = json.loads((ceiling_run / files.DETAILS).read_text())
+    assert everything.pop("blocks") and everything == details
+    headline = json.loads((ceiling_run / files.METRICS).read_text())
+    assert headline.pop("ceiling_drop") == json.loads((final / files.METRICS).read_text())["ceiling_drop"]
+    assert headline.keys() == {"blocks_gflops_drop", "blocks_acc_change"}
+
+
+@pytest.mark.parametrize(("blocks", "ceiling", "match"), [
+    ([0], {}, "steer.blocks = \\[0\\]: 'final', 'all' or a non-empty list of gated blocks"),
+    ("all", {"max_exhaustive_heads": 2}, "tries all 2\\^3 patterns"),
+])
+def test_the_stage_refuses_blocks_it_cannot_search(ceiling_run, tmp_path, monkeypatch, blocks, ceiling, match):
+    for name in ("data/dataset", "data/embeddings", "models/vit"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(ceiling_run / name)
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(_merge(BLOCKS_PARAMS, {"steer": {"blocks": blocks}, "ceiling": ceiling}), "params")
+    with pytest.raises(PipelineError, match=match):
+        ceiling_stage.run(params.ceiling, params.steer)
+    assert not (tmp_path / files.CEILING).exists()

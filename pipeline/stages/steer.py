@@ -40,7 +40,8 @@ from pipeline.sae.registry import load_sae
 from pipeline.steering.analysis import RunInfo, UsageCost, analyse
 from pipeline.steering.controls import directions_for, write_directions
 from pipeline.steering.headline import ClassHeadline
-from pipeline.steering.multiblock import BlocksSweep, BlockSteering, block_directions, resolve_blocks, run_blocks_sweep
+from pipeline.steering.multiblock import BlocksSweep, BlockSteering, block_directions, run_blocks_sweep
+from pipeline.steering.propagate import resolve_blocks
 from pipeline.steering.results import (
     SteerDetails,
     class_usage_rows,

@@ -14,6 +14,7 @@ per-head terms are computed once and a pattern costs one small product plus the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,19 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
 from pipeline.steering.headline import PolicyEffect, evaluate_policy
-from pipeline.storage import read_dataclass, read_table, write_dataclass, write_parquet
+from pipeline.storage import (
+    metadata_dict,
+    open_parquet,
+    read_dataclass,
+    read_table,
+    with_metadata,
+    write_dataclass,
+    write_parquet,
+)
 
 OWN = -1
 """The pattern code that stands for the model's own (per-image) gates."""
+OMIT = {"omit_none": True}
 
 
 # ------------------------------------------------------------------------ per-image terms
@@ -187,6 +197,50 @@ class CeilingSettings:
 
 
 @dataclass
+class BlocksRow:
+    """One configuration row of the ceiling across blocks on test: means over classes (equal
+    weights) and changes against the model's own gates, intervals by bootstrapping the test
+    images within each class (as the summary's)."""
+
+    accuracy: float
+    gflops: float
+    """GFLOPs per image (`pipeline.model.flops`)."""
+    usage: dict[str, float]
+    """Gated block ("b<g>") -> its head usage."""
+    mean_accuracy_change: float
+    mean_accuracy_change_ci: list[float | None]
+    mean_gflops_change: float
+    mean_gflops_change_ci: list[float | None]
+    mean_gflops_relative_change: float
+    """mean_gflops_change over the own gates' mean GFLOPs (-0.1: a tenth fewer)."""
+    mean_usage_change: float
+    """Of the mean usage over the gated blocks."""
+    mean_usage_change_ci: list[float | None]
+    usage_change: dict[str, float]
+    """Gated block ("b<g>") -> the mean over classes of its usage change."""
+    classes_with_reduction: int
+    """Classes with fewer GFLOPs per image."""
+    classes_with_reduction_ci_below_zero: int
+
+
+@dataclass
+class BlocksCeilingDetails:
+    """The ceiling across blocks (`pipeline.steering.ceiling_blocks`; only when `steer.blocks`
+    is not the final block alone): data/ceiling/blocks.parquet has it per class."""
+
+    blocks: list[int]
+    """The searched blocks."""
+    gated_blocks: list[int]
+    select_on: str
+    evaluations: int
+    """Candidate evaluations on the selection split (each over every selection image)."""
+    block_runs: int
+    """(stream, pattern) block runs of the search on the selection split: its work."""
+    rows: dict[str, BlocksRow]
+    """`own`, `block <b>` (each searched block's single-block ceiling), `blocks` (the search's result)."""
+
+
+@dataclass
 class CeilingDetails:
     summary: CeilingSummary
     settings: CeilingSettings
@@ -194,9 +248,18 @@ class CeilingDetails:
     """Per split: accuracy and final-block usage with the model's own gates."""
     frontier: dict[str, list[FrontierPoint]] = field(default_factory=dict)
     """Per class, the selection split's accuracy-usage Pareto frontier of the fixed patterns."""
+    blocks: BlocksCeilingDetails | None = field(default=None, metadata=OMIT)
+    """The ceiling across blocks (absent when `steer.blocks` is the final block alone)."""
 
     def metrics(self) -> dict[str, float]:
-        return {"ceiling_drop": 0.0 - self.summary.mean_usage_change}
+        """metrics/ceiling.json: `ceiling_drop` (the final block's); across blocks also the
+        GFLOPs saved as a fraction of the own gates' and the accuracy change (short names for
+        `dvc exp show`)."""
+        out = {"ceiling_drop": 0.0 - self.summary.mean_usage_change}
+        if self.blocks is not None:
+            row = self.blocks.rows["blocks"]
+            out |= {"blocks_gflops_drop": 0.0 - row.mean_gflops_relative_change, "blocks_acc_change": row.mean_accuracy_change}
+        return out
 
 
 def pareto(usage: Tensor, accuracy: Tensor) -> list[int]:
@@ -211,6 +274,11 @@ def pareto(usage: Tensor, accuracy: Tensor) -> list[int]:
     return front
 
 
+def finite(value: float) -> float | None:
+    """A float for JSON, which has no NaN: an interval without resamples is None."""
+    return value if math.isfinite(value) else None
+
+
 def summarise(found: Search, test: SplitTerms, n_classes: int, selected_on: str, head_names: list[str],
               resamples: int, confidence: float, seed: int) -> CeilingSummary:
     """Intervals by bootstrapping the test images within each class (as steer's headline)."""
@@ -223,8 +291,11 @@ def summarise(found: Search, test: SplitTerms, n_classes: int, selected_on: str,
         for c in found.classes:
             c.accuracy_change_ci = (float(result.accuracy_change_ci[0][c.class_id]), float(result.accuracy_change_ci[1][c.class_id]))
             c.usage_change_ci = (float(result.usage_change_ci[0][c.class_id]), float(result.usage_change_ci[1][c.class_id]))
+    fields = CeilingSummary.fields_of(result)
+    for key in ("mean_usage_change_ci", "mean_accuracy_change_ci"):  # no resamples: no interval (JSON has no NaN)
+        fields[key] = [finite(v) for v in fields[key]]
     return CeilingSummary(
-        **CeilingSummary.fields_of(result), selected_on=selected_on,
+        **fields, selected_on=selected_on,
         heads={c.name: [head_names[h] for h in c.heads] for c in found.classes if c.pattern != OWN},
     )
 
@@ -328,6 +399,38 @@ def read_classes(path: Path | str) -> list[CeilingClass]:
                          baseline_usage=r["baseline_usage"], accuracy=r["accuracy"], usage=r["usage"],
                          accuracy_change_ci=pair(r["accuracy_change_ci"]), usage_change_ci=pair(r["usage_change_ci"]))
             for r in table.to_pylist()]
+
+
+BLOCKS_SCHEMA = pa.schema([
+    ("split", pa.string()), ("configuration", pa.string()), ("class_id", pa.int32()), ("class", pa.string()),
+    ("n", pa.int32()), ("accuracy", pa.float64()), ("gflops", pa.float64()),
+])
+"""blocks.parquet's fixed columns; then usage_b<g> (float64) per gated block and heads_b<b>
+(list of int32, null: the block's own gates) per searched block, named in the metadata."""
+
+
+def blocks_schema(blocks: list[int], gated: list[int]) -> pa.Schema:
+    fields = [*BLOCKS_SCHEMA, *(pa.field(f"usage_b{g}", pa.float64()) for g in gated),
+              *(pa.field(f"heads_b{b}", pa.list_(pa.int32())) for b in blocks)]
+    return with_metadata(pa.schema(fields), {"blocks": blocks, "gated_blocks": gated})
+
+
+def write_block_classes(path: Path | str, rows: list[dict], blocks: list[int], gated: list[int]) -> None:
+    """data/ceiling/blocks.parquet: one row per (split, configuration, class)
+    (`ceiling_blocks.class_rows` with a `split` column)."""
+    write_parquet(path, pa.Table.from_pylist(rows, schema=blocks_schema(blocks, gated)))
+
+
+def read_block_classes(path: Path | str) -> tuple[list[dict], list[int], list[int]]:
+    """blocks.parquet's rows, its searched blocks and its gated blocks, columns checked."""
+    meta = metadata_dict(open_parquet(path, {}).schema_arrow)
+    try:
+        blocks, gated = [int(b) for b in meta["blocks"]], [int(g) for g in meta["gated_blocks"]]
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}: no blocks in its metadata; rerun `ceiling`") from None
+    schema = blocks_schema(blocks, gated)
+    table, _ = read_table(path, {name: schema.field(name).type for name in schema.names})
+    return table.to_pylist(), blocks, gated
 
 
 def write_details(path: Path | str, details: CeilingDetails) -> None:

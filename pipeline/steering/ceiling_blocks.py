@@ -38,8 +38,9 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.flops import FlopModel, flop_model
 from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
-from pipeline.steering.headline import PolicyResult, evaluate_policy
-from pipeline.steering.multiblock import OWN, fixed_rule, pattern_bits, propagate, stream_at
+from pipeline.steering.ceiling import BlocksRow, finite
+from pipeline.steering.headline import PolicyEffect, PolicyResult, evaluate_policy
+from pipeline.steering.propagate import OWN, fixed_rule, pattern_bits, propagate, stream_at
 from pipeline.steering.uncertainty import class_means
 
 
@@ -273,4 +274,34 @@ def policy_effects(outcome: Outcome, labels: Tensor, n_classes: int, row: int, r
     for name, values in (("usage", outcome.usage.mean(-1)), ("gflops", outcome.gflops)):
         out[name] = evaluate_policy(correct, torch.stack([values[0], values[row]]), choice, labels, n_classes, [0.0, 1.0],
                                     resamples, confidence, seed)
+    return out
+
+
+def summarise_rows(found: BlocksCeiling, split: BlockSplit, outcome: Outcome, n_classes: int, gated: list[int],
+                   resamples: int, confidence: float, seed: int) -> dict[str, BlocksRow]:
+    """Every configuration row (`found.rows`) of a split's outcome against the own gates (row
+    0), means over classes with intervals (`policy_effects`)."""
+    labels = split.labels.cpu()
+    usage = class_means(outcome.usage.transpose(1, 2), labels, n_classes)  # (V, G, C)
+    present = ~torch.isnan(usage[0, 0]) if gated else torch.zeros(n_classes, dtype=torch.bool)
+    out = {}
+    for r, name in enumerate(found.rows):
+        effects = policy_effects(outcome, labels, n_classes, r, resamples, confidence, seed)
+        flops, mean_usage = effects["gflops"], effects["usage"]
+        own_gflops = float(flops.base_usage[present].mean())
+        counts = PolicyEffect.fields_of(flops)
+        out[name] = BlocksRow(
+            accuracy=float(flops.accuracy[present].mean()), gflops=float(flops.usage[present].mean()),
+            usage={f"b{g}": float(usage[r, i, present].mean()) for i, g in enumerate(gated)},
+            mean_accuracy_change=flops.mean_accuracy_change,
+            mean_accuracy_change_ci=[finite(v) for v in flops.mean_accuracy_change_ci],
+            mean_gflops_change=flops.mean_usage_change,
+            mean_gflops_change_ci=[finite(v) for v in flops.mean_usage_change_ci],
+            mean_gflops_relative_change=flops.mean_usage_change / own_gflops,
+            mean_usage_change=mean_usage.mean_usage_change,
+            mean_usage_change_ci=[finite(v) for v in mean_usage.mean_usage_change_ci],
+            usage_change={f"b{g}": float((usage[r, i, present] - usage[0, i, present]).mean()) for i, g in enumerate(gated)},
+            classes_with_reduction=int(counts["classes_with_reduction"]),
+            classes_with_reduction_ci_below_zero=int(counts["classes_with_reduction_ci_below_zero"]),
+        )
     return out
