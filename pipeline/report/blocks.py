@@ -29,6 +29,8 @@ class BlockUsage:
     no per-class headline)."""
     gflops_unsteered: float
     gflops_headline_change: float | None
+    accuracy_change: float | None
+    """The headline's mean accuracy change (test)."""
     attention_gflops_per_block: float
     """One gated block's attention with every head kept (the blocks share one shape)."""
 
@@ -65,6 +67,7 @@ def block_usage(steer: SteerDetails, rows: list[dict], usage_per_block: list[flo
     return BlockUsage(gated=gated, steered=steer.settings.blocks or [depth - 1], unsteered=unsteered, headline=at_headline,
                       gflops_unsteered=steer.flops.gflops_unsteered,
                       gflops_headline_change=None if headline is None else headline.mean_gflops_change,
+                      accuracy_change=None if headline is None else headline.mean_accuracy_change,
                       attention_gflops_per_block=steer.flops.final_block_attention_gflops_dense / len(moving))
 
 
@@ -81,17 +84,19 @@ def render_blocks(view: BlockUsage, ceiling_rows: list[tuple[str, list[float], f
         "split (class means), and the whole model's matmul GFLOPs per image; a steered block changes every later block's input "
         "and so its gates too.",
         "",
-        "| | " + " | ".join(names) + " | GFLOPs change per image |",
-        "|---|" + "---|" * len(names) + "---|",
-        "| unsteered | " + " | ".join(f"{u:.3f}" for u in view.unsteered) + f" | {view.gflops_unsteered:.4g} (the model) |",
+        "| | " + " | ".join(names) + " | GFLOPs change per image | accuracy change (points) |",
+        "|---|" + "---|" * len(names) + "---|---|",
+        "| unsteered | " + " | ".join(f"{u:.3f}" for u in view.unsteered) + f" | {view.gflops_unsteered:.4g} (the model) | - |",
     ]
     if view.headline is not None and view.gflops_headline_change is not None:
         change = view.gflops_headline_change
         lines.append("| per-class steering (headline alphas) | " + " | ".join(f"{u:.3f}" for u in view.headline)
-                     + f" | {change:+.4g} ({100 * change / view.gflops_unsteered:+.1f}%) |")
-    for name, usage, gflops_change, _ in ceiling_rows or []:
+                     + f" | {change:+.4g} ({100 * change / view.gflops_unsteered:+.1f}%) | {100 * view.accuracy_change:+.1f} |")
+    for name, usage, gflops_change, accuracy_change in ceiling_rows or []:
         lines.append(f"| {name} | " + " | ".join(f"{u:.3f}" for u in usage)
-                     + f" | {gflops_change:+.4g} ({100 * gflops_change / view.gflops_unsteered:+.1f}%) |")
+                     + f" | {gflops_change:+.4g} ({100 * gflops_change / view.gflops_unsteered:+.1f}%) | {100 * accuracy_change:+.1f} |")
+    lines += ["", "Steering: alphas chosen per class on the selection split (`steer.select_on`); the ceiling's patterns alike; "
+              "all reported on test. GFLOPs changes are class means, like the usage."]
     lines += ["", f"One gated block's attention with every head kept: {view.attention_gflops_per_block:.4g} GFLOPs per image "
               f"({100 * view.attention_gflops_per_block / view.gflops_unsteered:.1f}% of the unsteered model).",
               "", "![head usage per gated block](plots/block_usage.png)", ""]

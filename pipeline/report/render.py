@@ -303,7 +303,14 @@ def _headline_section(r: ReportInputs) -> list[str]:
 def _across_blocks(r: ReportInputs) -> list[str]:
     if r.blocks is None or r.steer.settings.blocks is None:
         return []
-    return ["", *render_blocks(r.blocks)]
+    across = r.ceiling.details.blocks if r.ceiling is not None else None
+    rows = []
+    if across is not None:
+        names = {"blocks": f"ceiling: fixed patterns in {', '.join(f'b{b}' for b in across.blocks)}",
+                 **{f"block {b}": f"ceiling: b{b} alone" for b in across.blocks}}
+        rows = [(names[key], [row.usage[f"b{b}"] for b in r.blocks.gated], row.mean_gflops_change, row.mean_accuracy_change)
+                for key, row in across.rows.items() if key in names]
+    return ["", *render_blocks(r.blocks, rows)]
 
 
 def _share(change: float, ceiling: float) -> str:
@@ -317,23 +324,35 @@ def _control(r: ReportInputs) -> list[str]:
         return []
     ceiling, settings = r.ceiling.details.summary, r.ceiling.details.settings
     n = len(r.ceiling.classes)
-    acc_ci, usage_ci = ceiling.mean_accuracy_change_ci, ceiling.mean_usage_change_ci
-    has_ci = acc_ci[0] is not None and acc_ci[0] == acc_ci[0]
     split = "validation" if settings.select_on == "val" else "test"
     agree = ", ".join(f"{s} {100 * a:.2f}%" for s, a in settings.stored_predictions_agree.items())
+    across = r.ceiling.details.blocks
+    if r.steer.settings.blocks is not None and across is not None:  # steering moved several blocks: the ceiling across them
+        ceiling = across.rows["blocks"]
+        blocks = ", ".join(f"b{b}" for b in across.blocks)
+        about = (f"The ceiling (stage `ceiling`, across blocks): per class, fixed gate patterns in {blocks} (a greedy search "
+                 f"from the best single-block ceiling, docs/METHOD.md section 8) under the steering headline's rule on the "
+                 f"model's GFLOPs, chosen on the {split} split and reported on test. Usage here, as in the steering rows, is "
+                 "the mean over the gated blocks; the share is a policy's mean usage change over the ceiling's.")
+        name = f"ceiling: fixed patterns in {blocks} per class"
+    else:
+        about = (f"The ceiling (stage `ceiling`): per class, every fixed final-block gate pattern ({settings.search} search, at most "
+                 f"{settings.patterns_per_class} patterns a class) under the steering headline's rule, chosen on the {split} split and "
+                 "reported on test. Steering the decision network's input can only choose gates, so no class-constant steering "
+                 "beats it; the share is a policy's mean usage change over the ceiling's. (Patterns ran through the final block's "
+                 f"CLS row, exact up to float rounding: its own-gate predictions equal the full model's on {agree} of the images.)")
+        name = "ceiling: a fixed final-block pattern per class"
+    acc_ci, usage_ci = ceiling.mean_accuracy_change_ci, ceiling.mean_usage_change_ci
+    has_ci = acc_ci[0] is not None and acc_ci[0] == acc_ci[0]
     lines = [
         "",
         "## How much control",
         "",
-        f"The ceiling (stage `ceiling`): per class, every fixed final-block gate pattern ({settings.search} search, at most "
-        f"{settings.patterns_per_class} patterns a class) under the steering headline's rule, chosen on the {split} split and "
-        "reported on test. Steering the decision network's input can only choose gates, so no class-constant steering "
-        "beats it; the share is a policy's mean usage change over the ceiling's. (Patterns ran through the final block's "
-        f"CLS row, exact up to float rounding: its own-gate predictions equal the full model's on {agree} of the images.)",
+        about,
         "",
         "| policy | mean usage change | mean accuracy change (points) | share of the ceiling | classes using fewer heads | classes below the null |",
         "|---|---|---|---|---|---|",
-        f"| ceiling: a fixed final-block pattern per class | {ceiling.mean_usage_change:+.3f}{_ci(usage_ci) if has_ci else ''} | "
+        f"| {name} | {ceiling.mean_usage_change:+.3f}{_ci(usage_ci) if has_ci else ''} | "
         f"{100 * ceiling.mean_accuracy_change:+.1f}{_ci_pct(acc_ci, sign=True) if has_ci else ''} | 100% | "
         f"{ceiling.classes_with_reduction} of {n} | - |",
     ]
@@ -360,8 +379,9 @@ def _control(r: ReportInputs) -> list[str]:
                      f"{_share(policy.mean_usage_change, ceiling.mean_usage_change)} | {policy.classes_with_reduction} of {n} | {beyond} |")
     oracle = r.steer.per_class_headline
     if oracle is not None:
+        pruning = "final-block" if across is None or r.steer.settings.blocks is None else "multi-block"
         lines += ["", f"Per-class SAE steering reaches {_share(oracle.mean_usage_change, ceiling.mean_usage_change)} of the usage "
-                  "reduction that class-specific final-block pruning reaches on this model."]
+                  f"reduction that class-specific {pruning} pruning reaches on this model."]
     if controls:
         lines += ["", "Controls (docs/METHOD.md, section 6) move the decision network's input, image by image and alpha by alpha, "
                   f"by exactly as much as the per-class SAE steer moves it, along a plain direction; each is selected per class on "

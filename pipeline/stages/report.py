@@ -74,6 +74,11 @@ def run(params: Params) -> None:
         plots.usage_scatter([c.baseline_usage for c in headline], [c.usage for c in headline], config.class_names, files.CLASS_USAGE_PNG)
     draw_frontiers(ceiling, read_patterns(ceiling_files.PATTERNS), final_rows, featured(headline, sp.top_classes))
     series = {"unsteered": across.unsteered, **({"per-class steering (headline)": across.headline} if across.headline else {})}
+    blocks_ceiling = ceiling.details.blocks
+    if blocks_ceiling is not None:
+        series["ceiling across blocks"] = [blocks_ceiling.rows["blocks"].usage[f"b{b}"] for b in across.gated]
+    else:  # the final-block ceiling: only the final block moves
+        series["ceiling (final block)"] = [*across.unsteered[:-1], across.unsteered[-1] + ceiling.details.summary.mean_usage_change]
     plots.block_usage_bars([f"b{b}" for b in across.gated], series, files.BLOCK_USAGE,
                            f"Head usage per gated block (steered: {', '.join(f'b{b}' for b in across.steered)})")
     write_json(files.DETAILS, to_json_value({"shift_vs_keep": explained.shift_vs_keep, "global_set": explained.global_set}))
