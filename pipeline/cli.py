@@ -68,6 +68,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "interpret": ("interpret",),
     "steer": ("steer",),
     "ceiling": ("ceiling", "steer"),
+    "latency": ("latency",),
     "report": None,
     "explorer": ("interpret",),
 }
@@ -157,6 +158,12 @@ def latent_stats_block(block: int = typer.Argument(..., help="A block listed in 
                        debug: bool = DebugOption) -> None:
     """Firing statistics and top sets of an earlier block's SAE; writes data/stats_blocks/block<b>/."""
     _run_stage("latent_stats_block", params, debug, block)
+
+
+@app.command()
+def latency(params: Path = ParamsOption, debug: bool = DebugOption) -> None:
+    """GFLOPs (and, with latency.measure, CPU time) of the steering headline and the ceiling as deployed models."""
+    _run_stage("latency", params, debug)
 
 
 @app.command("latent-stats")

@@ -137,6 +137,7 @@ TINY_PARAMS: dict[str, Any] = {
     "interpret": {"top_n": 4, "grid_latents": 3, "grid_images": 3, "card_latents": 2},
     "steer": {"alphas": [-1.0, 0.0, 1.0], "null_draws": 3, "bootstrap": 50, "batch_size": 32, "top_classes": 2, "device": "cpu"},
     "ceiling": {"batch_size": 32, "device": "cpu"},
+    "latency": {"images": 16, "batch_sizes": [1, 8], "rounds": 1},
 }
 
 

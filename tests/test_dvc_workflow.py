@@ -30,7 +30,8 @@ from pipeline.steering.strategies import STRATEGIES
 from conftest import REPO_ROOT, TINY_PARAMS, dvc_env
 from dvc_project import commit, new_project, ran_stages, run, sh
 
-ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report", "explorer"}
+ALL_STAGES = {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "latency", "report",
+              "explorer"}
 """The stages a default run has; the per-block stages below generate none while extract.layers is empty."""
 BLOCK_STAGES = {"train_sae_block", "latent_stats_block"}
 """`foreach` definitions over extract.layers: one stage per listed block."""
@@ -413,13 +414,14 @@ def test_the_split_keeps_sources_and_the_sae_trainer_out_of_stages_that_do_not_u
     assert [n for n, c in closures.items() if "pipeline/sae/training.py" in c] == ["train_sae"]
     assert "pipeline/model/training.py" not in closures["extract"]
     assert {n for n, c in closures.items() if "pipeline/data/dataset.py" in c} == {"download", "finetune", "extract", "interpret", "steer", "ceiling",
-                                                                               "report", "explorer"}
+                                                                               "latency", "report", "explorer"}
     # each params section's code is a dependency of exactly the stages that read it
     readers = {name: {n for n, c in closures.items() if f"pipeline/params/{name}.py" in c}
-               for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer", "ceiling")}
+               for name in ("data", "finetune", "extract", "sae", "stats", "interpret", "steer", "ceiling", "latency")}
     assert readers == {"data": {"download", "report"}, "finetune": {"finetune", "report"}, "extract": {"extract", "report"},
                        "sae": {"train_sae", "report"}, "stats": {"latent_stats", "report"},
-                       "interpret": {"interpret", "report"}, "steer": {"steer", "report"}, "ceiling": {"ceiling", "report"}}
+                       "interpret": {"interpret", "report"}, "steer": {"steer", "report"}, "ceiling": {"ceiling", "report"},
+                       "latency": {"latency", "report"}}
     # the report's code is its own: the sweep does not depend on how its results are written up
     assert [n for n, c in closures.items() if "pipeline/report/render.py" in c] == ["report"]
 

@@ -265,7 +265,7 @@ def test_stage_outputs_agree_with_a_direct_computation(tmp_path, monkeypatch):
     torch.manual_seed(0)
     sae = TopKSAE(dim, n_latents, k)
     save_sae(Path("models/sae"), sae, {})
-    params = parse_params({"data": {}, "model": {}, "finetune": {}, "extract": {}, "sae": {}, "interpret": {}, "steer": {}, "ceiling": {},
+    params = parse_params({"data": {}, "model": {}, "finetune": {}, "extract": {}, "sae": {}, "interpret": {}, "steer": {}, "ceiling": {}, "latency": {},
                            "stats": {"top_k": top_k, "related": 2, "batch_size": 7}})
 
     latent_stats.run(params.stats)

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from pipeline.layout import ceiling, download, finetune, interpret, latent_stats, steer, train_sae
+from pipeline.layout import ceiling, download, finetune, interpret, latency, latent_stats, steer, train_sae
 
 REPORT = Path("metrics/report.md")
 DETAILS = Path("metrics/details/report.json")
@@ -24,7 +24,7 @@ BLOCK_USAGE = Path("metrics/plots/block_usage.png")
 """Head usage per gated block: unsteered, at the per-class headline and at the ceiling."""
 
 READS = (
-    steer.RESULTS_DIR, steer.DETAILS, ceiling.CEILING, ceiling.DETAILS, interpret.INTERPRET, interpret.DETAILS, latent_stats.STATS, latent_stats.DETAILS,
+    steer.RESULTS_DIR, steer.DETAILS, latency.DETAILS, ceiling.CEILING, ceiling.DETAILS, interpret.INTERPRET, interpret.DETAILS, latent_stats.STATS, latent_stats.DETAILS,
     finetune.MODEL, finetune.DETAILS, train_sae.DETAILS, download.DATASET,
 )
 WRITES = (REPORT, DETAILS, CURVES_PNG, HEAD_KEEP_HEATMAP, CLASS_USAGE_PNG, CLASS_CARDS, ATTRIBUTION_HEATMAP, SHIFT_SCATTER, FRONTIER,

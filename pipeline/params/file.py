@@ -24,6 +24,7 @@ from pipeline.params.data import DataParams
 from pipeline.params.extract import ExtractParams
 from pipeline.params.finetune import FinetuneParams
 from pipeline.params.interpret import InterpretParams
+from pipeline.params.latency import LatencyParams
 from pipeline.params.model import ModelParams
 from pipeline.params.sae import SaeParams
 from pipeline.params.stats import StatsParams
@@ -42,6 +43,7 @@ class Params(Section):
     interpret: InterpretParams
     steer: SteerParams
     ceiling: CeilingParams
+    latency: LatencyParams
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

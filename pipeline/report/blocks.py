@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.steering.costs import LatencyDetails
 from pipeline.steering.results import SteerDetails
 from pipeline.steering.strategies import PER_CLASS
 
@@ -100,4 +101,56 @@ def render_blocks(view: BlockUsage, ceiling_rows: list[tuple[str, list[float], f
     lines += ["", f"One gated block's attention with every head kept: {view.attention_gflops_per_block:.4g} GFLOPs per image "
               f"({100 * view.attention_gflops_per_block / view.gflops_unsteered:.1f}% of the unsteered model).",
               "", "![head usage per gated block](plots/block_usage.png)", ""]
+    return lines
+
+
+POLICY_NAMES = {
+    "unsteered": "unsteered (own gates)",
+    "per_class": "per-class steering, true class (oracle)",
+    "per_class_predicted": "per-class steering, predicted class (deployable; + the unsteered pass)",
+    "ceiling": "ceiling: the class's fixed patterns (oracle)",
+}
+
+
+def render_compute(latency: LatencyDetails) -> list[str]:
+    """The report's section on what each policy costs as deployed (stage `latency`)."""
+    settings = latency.settings
+    base = latency.policies["unsteered"]
+    sizes = [str(b) for b in settings.batch_sizes]
+    timed = all(p.latency_ms for p in latency.policies.values())
+    blocks = sorted(base.usage, key=int)
+    header = "| policy | accuracy | " + " | ".join(f"usage b{b}" for b in blocks) + " | GFLOPs per image | with steering's own work |"
+    rule = "|---|---|" + "---|" * len(blocks) + "---|---|"
+    if timed:
+        header += "".join(f" ms per image, batch {b} |" for b in sizes)
+        rule += "---|" * len(sizes)
+    lines = [
+        "## Compute in time",
+        "",
+        f"Each policy run as a deployed model runs it, block by block on the {settings.head_path} path (stage `latency`, "
+        f"`pipeline.steering.deploy`), on the first {settings.images} test images; steered blocks "
+        f"{', '.join(f'b{b}' for b in settings.steered_blocks)}; the alphas and patterns are the ones chosen on the selection "
+        "split. GFLOPs per image count the kept heads; \"with steering's own work\" adds the SAE's encoder and decoder on one "
+        "CLS row per steered block and, for the predicted-class policy, the unsteered pass that predicts the class.",
+        "",
+        header,
+        rule,
+    ]
+    for name, p in sorted(latency.policies.items(), key=lambda item: list(POLICY_NAMES).index(item[0])
+                          if item[0] in POLICY_NAMES else len(POLICY_NAMES)):
+        row = (f"| {POLICY_NAMES.get(name, name)} | {100 * p.accuracy:.1f}% | " + " | ".join(f"{p.usage[b]:.3f}" for b in blocks)
+               + f" | {p.gflops:.4g} ({100 * (p.gflops / base.gflops - 1):+.1f}%) | {p.gflops_total:.4g} "
+               f"({100 * (p.gflops_total / base.gflops - 1):+.1f}%) |")
+        if timed:
+            row += "".join(f" {p.latency_ms[b].image_ms:.3f} ({100 * (p.latency_ms[b].image_ms / base.latency_ms[b].image_ms - 1):+.0f}%) |"
+                           for b in sizes)
+        lines.append(row)
+    lines.append("")
+    if timed:
+        lines.append(f"Times: median of {settings.rounds} rounds (the policies alternate within a round) on {settings.threads} CPU "
+                     f"thread(s) of {settings.cpu or 'an unrecorded CPU'}, torch {settings.torch_version}; they vary from run to run "
+                     "and machine to machine, unlike every other number on this page.")
+    else:
+        lines.append("Times are not measured in this run (`latency.measure: false`, the default, which keeps the run's outputs "
+                     "byte-identical); `dvc exp run -S latency.measure=true` adds them.")
     return lines

@@ -16,8 +16,9 @@ from pipeline.interpret.records import StatsRecord
 from pipeline.model.config import ModelConfig
 from pipeline.model.record import TrainingRecord
 from pipeline.params.file import Params
-from pipeline.report.blocks import BlockUsage, render_blocks
+from pipeline.report.blocks import BlockUsage, render_blocks, render_compute
 from pipeline.steering.ceiling import CeilingClass, CeilingDetails
+from pipeline.steering.costs import LatencyDetails
 from pipeline.steering.headline import ClassHeadline, PolicyEffect
 from pipeline.steering.results import Curve, NullPoint, SteerDetails
 from pipeline.steering.strategies import (
@@ -74,6 +75,8 @@ class ReportInputs:
     ceiling: Ceiling | None = None
     blocks: BlockUsage | None = None
     """Usage per gated block (`pipeline.report.blocks`); its section shows for a multi-block sweep."""
+    latency: LatencyDetails | None = None
+    """Stage `latency`'s record; its section shows when timed or for a multi-block sweep."""
 
     def curves(self) -> dict[str, Curve]:
         """The strategies' curves in `steer.strategies` order (the details file sorts its keys)."""
@@ -221,7 +224,7 @@ def featured(headline: list[ClassHeadline], top: int) -> list[ClassHeadline]:
 
 
 def render_report(inputs: ReportInputs) -> str:
-    sections = (_title, _configuration, _model_and_sae, _headline_section, _across_blocks, _control, _strategies, _global_null,
+    sections = (_title, _configuration, _model_and_sae, _headline_section, _across_blocks, _compute, _control, _strategies, _global_null,
                 _interpretation, _beside_paper, _figures)
     return "\n".join(line for section in sections for line in section(inputs))
 
@@ -311,6 +314,15 @@ def _across_blocks(r: ReportInputs) -> list[str]:
         rows = [(names[key], [row.usage[f"b{b}"] for b in r.blocks.gated], row.mean_gflops_change, row.mean_accuracy_change)
                 for key, row in across.rows.items() if key in names]
     return ["", *render_blocks(r.blocks, rows)]
+
+
+def _compute(r: ReportInputs) -> list[str]:
+    if r.latency is None:
+        return []
+    timed = all(p.latency_ms for p in r.latency.policies.values())
+    if not timed and r.steer.settings.blocks is None:
+        return []
+    return ["", *render_compute(r.latency)]
 
 
 def _share(change: float, ceiling: float) -> str:

@@ -23,7 +23,7 @@ from pipeline.interpret.cards import (
 from pipeline.interpret.records import StatsRecord, read_stats_record
 from pipeline.interpret.top_sets import read_top_sets
 from pipeline.layout import ceiling as ceiling_files
-from pipeline.layout import download, finetune, interpret, latent_stats, steer, train_sae
+from pipeline.layout import download, finetune, interpret, latency, latent_stats, steer, train_sae
 from pipeline.layout import report as files
 from pipeline.model.config import head_names, read_model_config
 from pipeline.model.record import read_record
@@ -34,6 +34,7 @@ from pipeline.report.render import Ceiling, Explanation, ReportInputs, featured,
 from pipeline.steering.ceiling import read_classes as read_ceiling_classes
 from pipeline.steering.ceiling import read_details as read_ceiling
 from pipeline.steering.ceiling import read_patterns
+from pipeline.steering.costs import read_details as read_latency
 from pipeline.steering.headline import ClassHeadline
 from pipeline.steering.results import read_block_rows, read_details, read_headline, read_results
 from pipeline.steering.strategies import PER_CLASS, STRATEGIES
@@ -62,7 +63,7 @@ def run(params: Params) -> None:
     explained = explain(params, final_rows, headline, heads, stats)
     inputs = ReportInputs(params=params, config=config, finetune=record, sae=read_json(train_sae.DETAILS),
                           stats=stats, steer=details, headline=headline, head_names=all_heads, explained=explained,
-                          ceiling=ceiling, blocks=across)
+                          ceiling=ceiling, blocks=across, latency=read_latency(latency.DETAILS))
 
     curves = inputs.curves()
     plots.steering_curves({name: to_json_value(c) for name, c in curves.items()},

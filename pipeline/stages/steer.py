@@ -27,7 +27,7 @@ from pipeline.data.dataset import load_images
 from pipeline.data.embeddings import read_embeddings
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.interpret.top_sets import read_top_sets
-from pipeline.layout import download, extract, finetune, latent_stats, latent_stats_block, train_sae, train_sae_block
+from pipeline.layout import download, extract, finetune, latent_stats, train_sae
 from pipeline.layout import steer as files
 from pipeline.model.config import ModelConfig, head_names
 from pipeline.model.flops import flop_model
@@ -40,7 +40,8 @@ from pipeline.sae.registry import load_sae
 from pipeline.steering.analysis import RunInfo, UsageCost, analyse
 from pipeline.steering.controls import directions_for, write_directions
 from pipeline.steering.headline import ClassHeadline
-from pipeline.steering.multiblock import BlocksSweep, BlockSteering, block_directions, run_blocks_sweep
+from pipeline.steering.loading import block_steering
+from pipeline.steering.multiblock import BlocksSweep, BlockSteering, run_blocks_sweep
 from pipeline.steering.propagate import resolve_blocks
 from pipeline.steering.results import (
     SteerDetails,
@@ -51,7 +52,7 @@ from pipeline.steering.results import (
     write_headline,
     write_results,
 )
-from pipeline.steering.strategies import Directions, SteeringSets
+from pipeline.steering.strategies import SteeringSets
 from pipeline.steering.sweep import Tally, Variant, latent_sets, result_rows, run_sweep, variants_for
 from pipeline.storage import atomic_path, clean_outputs, rounded, weights_sha256, write_json
 
@@ -123,25 +124,6 @@ def write_outputs(details: SteerDetails, headline: list[ClassHeadline]) -> None:
 
 
 # ------------------------------------------------------------------------ several blocks
-def block_steering(model: GatedViT, config: ModelConfig, block: int, sp: SteerParams) -> tuple[BlockSteering, Directions]:
-    """Block `block`'s SAE, sets and control directions: the final block's from models/sae and
-    data/stats, an earlier block's from its `train_sae_block` / `latent_stats_block` outputs."""
-    final = block == model.depth - 1
-    sae_dir = train_sae.SAE if final else train_sae_block.files(block).sae
-    sets_path = latent_stats.TOP_SETS if final else latent_stats_block.files(block).top_sets
-    if not (sae_dir / "config.json").exists() or not sets_path.exists():
-        raise PipelineError(f"steer.blocks includes block {block}, which has no SAE or top sets ({sae_dir}, {sets_path}): "
-                            f"add {block} to extract.layers (its train_sae_block and latent_stats_block stages then run)")
-    sae = load_sae(sae_dir)
-    same_width(sae.dim, sae_dir / "config.json", model.vit.embed_dim, finetune.MODEL_CONFIG, rerun="train_sae")
-    top_sets = read_top_sets(sets_path, classes=(config.class_names, finetune.MODEL_CONFIG), width=(sae.n_latents, sae_dir / "config.json"))
-    train_path = extract.embeddings_split("train")
-    train = read_embeddings(train_path, None if final else block)
-    same_classes(train.class_names, train_path, config.class_names, finetune.MODEL_CONFIG, rerun="extract")
-    directions = block_directions(model, block, train.x, train.labels, sp.null_draws, sp.seed)
-    return BlockSteering(sae, latent_sets(top_sets, sp.null_draws, sp.seed, directions)), directions
-
-
 def sweep_blocks_split(split: str, model: GatedViT, config: ModelConfig, steered: dict[int, BlockSteering],
                        variants: list[Variant], sp: SteerParams, device: torch.device) -> BlocksSweep:
     """The multi-block sweep on one split, each steered block's unsteered CLS inputs checked
@@ -166,7 +148,7 @@ def run_blocks(sp: SteerParams, model: GatedViT, config: ModelConfig, blocks: li
     """Steering several blocks (docs/METHOD.md, section 8): the same analysis as the final-block
     sweep on the usage of every gated block together (their mean, affine in the GFLOPs), and
     each block's own rows in blocks.parquet."""
-    built = {b: block_steering(model, config, b, sp) for b in blocks}
+    built = {b: block_steering(model, config, b, sp.null_draws, sp.seed) for b in blocks}
     steered = {b: s for b, (s, _) in built.items()}
     device = pick_device(sp.device)
     model.head_path = resolve_head_path(sp.heads, device)
