@@ -43,6 +43,7 @@ BLOCKS_PARAMS = _merge(TINY_PARAMS, {
     "model": {"depth": 3},  # gated blocks 1 and 2 (the final one)
     "extract": {"layers": [1]},
     "steer": {"blocks": "all", "bootstrap": 20},
+    "latency": {"measure": True, "images": 32},  # the whole test split
 })
 
 
@@ -137,3 +138,41 @@ def test_steering_a_block_without_an_sae_names_extract_layers(blocks_run, tmp_pa
     monkeypatch.chdir(work)
     with pytest.raises(PipelineError, match="add 1 to extract.layers"):
         call_stage("steer", parse_params(BLOCKS_PARAMS, "params"))
+
+
+def test_the_deployed_policies_score_what_the_sweep_and_the_ceiling_measured(in_blocks_run):
+    """`latency` runs each policy block by block as deployed, on every test image here: its
+    accuracy and usage per block equal the image-weighted rows of the sweep (the headline's
+    alphas) and of the multi-block ceiling, and the unsteered one equals the stored predictions."""
+    from pipeline.layout import ceiling, latency
+    from pipeline.steering.ceiling import read_block_classes
+    from pipeline.steering.costs import read_details as read_latency
+
+    cost = read_latency(latency.DETAILS)
+    assert cost.settings.images == 32 and cost.settings.steered_blocks == [1, 2]
+    stored = read_embeddings(extract.embeddings_split("test"))
+    assert cost.policies["unsteered"].accuracy == pytest.approx(float((stored.predictions == stored.labels).double().mean()))
+    alphas = read_details(steer.DETAILS).per_class_headline.alpha
+    rows = [r for r in read_block_rows(steer.BLOCKS, "test") if r["strategy"] == "per_class" and r["alpha"] == alphas[r["class"]]]
+    for block in ("1", "2"):
+        chosen = [r for r in rows if str(r["block"]) == block]
+        n = sum(r["n"] for r in chosen)
+        assert cost.policies["per_class"].usage[block] == pytest.approx(sum(r["n"] * r["head_usage"] for r in chosen) / n)
+    assert cost.policies["per_class"].accuracy == pytest.approx(sum(r["n"] * r["accuracy"] for r in chosen) / n)
+    found, _, _ = read_block_classes(ceiling.BLOCKS)
+    mine = [r for r in found if r["split"] == "test" and r["configuration"] == "blocks"]
+    n = sum(r["n"] for r in mine)
+    assert cost.policies["ceiling"].accuracy == pytest.approx(sum(r["n"] * r["accuracy"] for r in mine) / n)
+    assert cost.policies["ceiling"].gflops == pytest.approx(sum(r["n"] * r["gflops"] for r in mine) / n)
+    assert all(p.latency_ms for p in cost.policies.values()) and cost.settings.cpu is not None  # measured here
+
+
+def test_the_default_run_counts_the_policies_without_timing_them(tiny_run):
+    from pipeline.layout import latency
+    from pipeline.steering.costs import read_details as read_latency
+
+    cost = read_latency(tiny_run / latency.DETAILS)
+    assert set(cost.policies) == {"unsteered", "per_class", "per_class_predicted", "ceiling"}
+    assert not any(p.latency_ms for p in cost.policies.values())
+    assert cost.settings.cpu is None and cost.settings.threads is None  # nothing machine-specific in the bytes
+    assert "## Compute in time" not in (tiny_run / "metrics/report.md").read_text()
