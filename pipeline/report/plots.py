@@ -319,5 +319,5 @@ def block_usage_bars(blocks: Sequence[str], series: dict[str, Sequence[float]], 
         ax.set_xlabel("gated block")
         ax.set_ylabel("fraction of heads kept (test, class mean)")
         ax.set_title(title)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
         save_figure(fig, path)
