@@ -115,7 +115,7 @@ class Leaf:
     """A key of params.yaml and what it accepts, read off the pydantic models."""
 
     path: tuple[str, ...]
-    kind: str  # int, float, bool, str, path, literal, list, section
+    kind: str  # int, float, bool, str, path, literal, list, section, name_or_list
     nullable: bool = False
     bounds: dict[str, float] = field(default_factory=dict)  # ge / gt / le / lt
     choices: tuple[Any, ...] = ()
@@ -131,6 +131,9 @@ def _leaf(path: tuple[str, ...], annotation: Any, metadata: list[Any]) -> Leaf:
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         nullable = len(args) < len(get_args(annotation))
+        if len(args) > 1:  # a name or a list (steer.blocks): wrong for every form
+            names = tuple(c for a in args if get_origin(a) is Literal for c in get_args(a))
+            return Leaf(path, "name_or_list", nullable, {}, names)
         (annotation,) = args
     if get_origin(annotation) is Annotated:
         annotation, *extra = get_args(annotation)
@@ -174,6 +177,7 @@ WRONG = {
     "literal": ["bogus", 7, ["x"]],
     "list": ["x", 3, {"a": 1}],
     "section": [3, "x", [1]],
+    "name_or_list": ["bogus", 7, {"a": 1}, ["x"], [-1], []],
 }
 
 

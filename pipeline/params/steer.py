@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from pipeline.params.base import Device, HeadPath, Section
+
+
+def _block_selection(value: object) -> object:
+    """`steer.blocks` checked before pydantic tries each form of the union, so that a bad value
+    gets one message naming the key, not one per form."""
+    if value in ("final", "all"):
+        return value
+    if isinstance(value, list) and value and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in value):
+        return value
+    raise ValueError("must be 'final', 'all' or a non-empty list of block indices (integers >= 0)")
 
 
 class SteerParams(Section):
@@ -58,7 +68,7 @@ class SteerParams(Section):
     """`auto` picks CUDA when present."""
     heads: HeadPath = "auto"
     """How the sweep runs the gated blocks (as `extract.heads`); recorded in the details."""
-    blocks: Literal["final", "all"] | list[Annotated[int, Field(ge=0)]] = "final"
+    blocks: Annotated[Literal["final", "all"] | list[int], BeforeValidator(_block_selection)] = "final"
     """Which gated blocks are steered: `final` (the paper's setting: the last block, its SAE
     models/sae), `all` (every gated block) or a list of block indices. Each steered block other
     than the final one needs its own SAE, trained by the `train_sae_block@<b>` stage for each b in
