@@ -21,7 +21,8 @@ class LatencyParams(Section):
     machine to machine, so the default leaves them out and the run's outputs stay byte-identical;
     the report shows them when measured (`dvc exp run -S latency.measure=true`)."""
     images: Annotated[int, Field(ge=1)] = 256
-    """The first this many test images (fewer when the split is smaller) run every policy."""
+    """This many test images, evenly spaced over the split (every class; all of them when the
+    split is smaller), run every policy."""
     batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 32]
     """Batch sizes timed; each runs its full batches of the images."""
     rounds: Annotated[int, Field(ge=1)] = 5

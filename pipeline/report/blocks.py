@@ -130,7 +130,7 @@ def render_compute(latency: LatencyDetails) -> list[str]:
         "## Compute in time",
         "",
         f"Each policy run as a deployed model runs it, block by block on the {settings.head_path} path (stage `latency`, "
-        f"`pipeline.steering.deploy`), on the first {settings.images} test images; steered blocks "
+        f"`pipeline.steering.deploy`), on {settings.images} test images evenly spaced over the split; steered blocks "
         f"{', '.join(f'b{b}' for b in settings.steered_blocks)}; the alphas and patterns are the ones chosen on the selection "
         "split. GFLOPs per image count the kept heads; \"with steering's own work\" adds the SAE's encoder and decoder on one "
         "CLS row per steered block and, for the predicted-class policy, the unsteered pass that predicts the class.",

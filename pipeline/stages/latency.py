@@ -1,7 +1,7 @@
 """`latency`: what the steering headline and the ceiling cost as deployed models.
 
-Each policy runs block by block as a deployed model would (`pipeline.steering.deploy`) on the
-first `latency.images` test images, on `latency.heads` (the head-skipping path by default, so
+Each policy runs block by block as a deployed model would (`pipeline.steering.deploy`) on
+`latency.images` test images evenly spaced over the split, on `latency.heads` (the head-skipping path by default, so
 that dropped heads are not computed): the model's own gates; the per-class steering headline as
 an oracle (each image steered with its true class's set at that class's alpha) and as the
 deployable policy (the unsteered pass predicts the class, whose alpha the predicted-class
@@ -77,9 +77,11 @@ def run(lp: LatencyParams) -> None:
     test = load_images(download.dataset_split("test"))
     n = min(lp.images, len(test.labels))
     if n < max(lp.batch_sizes):
-        raise PipelineError(f"latency.images {lp.images}: the test split's first {n} images are fewer than the largest batch "
+        raise PipelineError(f"latency.images {lp.images}: the test split's {n} images are fewer than the largest batch "
                             f"size {max(lp.batch_sizes)}")
-    x, labels = config.preprocess(test.images[:n]), test.labels[:n]
+    # evenly spaced over the split, which is stored class by class: every class, not the first few
+    chosen = torch.arange(n) * len(test.labels) // n
+    x, labels = config.preprocess(test.images[chosen]), test.labels[chosen]
     model.head_path = lp.heads
     previous = torch.get_num_threads()
     if lp.threads is not None:
