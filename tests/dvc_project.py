@@ -17,6 +17,8 @@ from conftest import REPO_ROOT, dvc_env
 PROJECT_FILES = [
     "dvc.yaml", "pyproject.toml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore",
     ".dvc/plots/series.json", ".dvc/plots/series_band.json", ".dvc/plots/live_series.json",
+    # committed folders that hold the per-block stages' outputs (`steer` depends on them)
+    "models/sae_blocks/README.md", "data/stats_blocks/README.md",
 ]
 
 

@@ -453,7 +453,8 @@ def test_the_layout_modules_and_dvc_yaml_name_the_same_paths():
 @pytest.mark.slow
 def test_an_sae_param_reruns_train_sae_latent_stats_interpret_steer_and_report_only(project):
     set_param(project.repo, "sae", "seed", 1)
-    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer", "report", "explorer"}
+    assert ran_stages(sh(project.repo, "dvc", "repro")) == {"train_sae", "latent_stats", "interpret", "steer", "latency", "report",
+                                                             "explorer"}
     commit(project.repo, "sae seed")
 
 
@@ -469,7 +470,7 @@ def test_editing_a_stage_reruns_it_and_its_dependents_only(project):
         + "\n\n_run = run\n\n\ndef run(cfg):\n"
         + "    _run(cfg.model_copy(update={'top_k': 3}))\n"
     )
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer", "report", "explorer"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"latent_stats", "interpret", "steer", "latency", "report", "explorer"}
     top_sets = json.loads((repo / "data/stats/top_sets.json").read_text())
     assert len(top_sets["global"]) == 3
     commit(repo, "latent_stats edited")

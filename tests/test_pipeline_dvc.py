@@ -36,8 +36,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_the_first_repro_runs_every_stage_and_writes_the_report(finished):
     repo, first = finished
-    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "report",
-                                 "explorer"}
+    assert ran_stages(first) == {"download", "finetune", "extract", "train_sae", "latent_stats", "interpret", "steer", "ceiling", "latency",
+                                 "report", "explorer"}
     report = (repo / "metrics/report.md").read_text()
     assert "## Per-class steering (headline)" in report and "| class |" in report
     assert "## What the latents mean" in report and "### Class cards" in report
@@ -134,10 +134,12 @@ def test_each_params_change_reruns_only_the_stages_that_read_it(finished, tmp_pa
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return ran_stages(sh(repo, "dvc", "repro"))
 
-    # steering, interpretation and the ceiling are independent; the report and the explorer read all three
-    assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "report", "explorer"}
-    assert change("steer", "accuracy_tolerance", 0.01) == {"steer", "ceiling", "report", "explorer"}  # the rule both use
-    assert change("ceiling", "search", "greedy") == {"ceiling", "report", "explorer"}
+    # steering, interpretation and the ceiling are independent; the report and the explorer read all
+    # three, `latency` the headline's alphas and the ceiling's patterns
+    assert change("steer", "alphas", [-1.0, 0.0, 2.0]) == {"steer", "latency", "report", "explorer"}
+    assert change("steer", "accuracy_tolerance", 0.01) == {"steer", "ceiling", "latency", "report", "explorer"}  # the rule both use
+    assert change("ceiling", "search", "greedy") == {"ceiling", "latency", "report", "explorer"}
+    assert change("latency", "images", 8) == {"latency", "report"}
     assert change("interpret", "top_n", 5) == {"interpret", "report", "explorer"}
     assert change("interpret", "grid_images", 2) == {"interpret", "report", "explorer"}  # thumbnails per latent
     # a `data` change reruns download; its output changes, so everything downstream follows
@@ -146,8 +148,8 @@ def test_each_params_change_reruns_only_the_stages_that_read_it(finished, tmp_pa
     # A `data` change that keeps every image (max_per_class above the class size) changes only
     # the data set's provenance metadata: finetune reruns and, being deterministic, writes the
     # same weights, so DVC's content hashes stop the rerun before train_sae and latent_stats.
-    assert change("data", "max_per_class", 1000) == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "report",
-                                                      "explorer"}
+    assert change("data", "max_per_class", 1000) == {"download", "finetune", "extract", "interpret", "steer", "ceiling", "latency",
+                                                      "report", "explorer"}
 
 
 def test_the_explore_commands_name_the_stage_to_run_when_its_outputs_are_missing(tmp_path):
