@@ -213,7 +213,7 @@ PLOT_IDS = [
     "metrics/plots/overlap_heatmap.png", "metrics/plots/firing_frequency.png", "metrics/plots/steer_curves.png",
     "metrics/plots/head_keep_heatmap.png", "metrics/plots/steer_class_usage.png", "metrics/plots/latent_grid.png",
     "metrics/plots/purity.png", "metrics/plots/class_cards.png", "metrics/plots/attribution_heatmap.png",
-    "metrics/plots/shift_vs_keep.png", "metrics/plots/ceiling_frontier.png",
+    "metrics/plots/shift_vs_keep.png", "metrics/plots/ceiling_frontier.png", "metrics/plots/block_usage.png",
 ]
 
 
