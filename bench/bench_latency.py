@@ -35,7 +35,8 @@ from pipeline.sae.registry import load_sae
 from pipeline.steering.ceiling import read_classes
 from pipeline.steering.costs import LatencyDetails, cpu_model, write_details
 from pipeline.steering.deploy import CEILING, UNSTEERED, measure
-from pipeline.steering.multiblock import OWN, BlockSteering, pattern_bits
+from pipeline.steering.multiblock import BlockSteering
+from pipeline.steering.propagate import OWN, pattern_bits
 from pipeline.steering.results import read_details
 from pipeline.steering.sweep import latent_sets
 

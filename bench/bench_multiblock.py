@@ -46,7 +46,8 @@ from pipeline.params.file import load_params
 from pipeline.sae.registry import load_sae
 from pipeline.sae.training import train_sae
 from pipeline.steering.ceiling_blocks import block_split, class_rows, search_blocks
-from pipeline.steering.multiblock import BlockSteering, block_directions, resolve_blocks, steer_blocks, stream_at
+from pipeline.steering.multiblock import BlockSteering, block_directions, steer_blocks
+from pipeline.steering.propagate import resolve_blocks, stream_at
 from pipeline.steering.strategies import SteerBatch
 from pipeline.steering.sweep import latent_sets, variants_for
 

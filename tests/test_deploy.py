@@ -26,7 +26,8 @@ from pipeline.steering.deploy import (
     unsteered_forward,
 )
 from pipeline.steering.headline import follow
-from pipeline.steering.multiblock import OWN, fixed_rule, propagate, steer_blocks
+from pipeline.steering.multiblock import steer_blocks
+from pipeline.steering.propagate import OWN, fixed_rule, propagate
 from pipeline.steering.strategies import PER_CLASS, PER_CLASS_PREDICTED, SteerBatch
 from pipeline.steering.sweep import Variant, decision_inputs, run_sweep, steer_batch
 

@@ -10,15 +10,8 @@ import torch
 from pipeline.model.gated_vit import build_gated_vit, model_config
 from pipeline.params.model import ModelParams
 from pipeline.sae.topk import TopKSAE
-from pipeline.steering.multiblock import (
-    BlockSteering,
-    block_directions,
-    propagate,
-    resolve_blocks,
-    run_blocks_sweep,
-    steer_blocks,
-    stream_at,
-)
+from pipeline.steering.multiblock import BlockSteering, block_directions, run_blocks_sweep, steer_blocks
+from pipeline.steering.propagate import propagate, resolve_blocks, stream_at
 from pipeline.steering.strategies import STRATEGIES, SteerBatch, SteeringSets
 from pipeline.steering.sweep import random_class_sets, random_sets, result_rows, run_sweep, steer_batch, variants_for
 

@@ -41,16 +41,7 @@ from pipeline.model.gated_vit import GatedViT
 from pipeline.progress import progress
 from pipeline.sae.base import SparseAutoencoder
 from pipeline.steering.controls import control_directions
-from pipeline.steering.propagate import (  # noqa: F401 (OWN, fixed_rule, pattern_bits, resolve_blocks: re-exported)
-    OWN,
-    GateRule,
-    Propagated,
-    fixed_rule,
-    pattern_bits,
-    propagate,
-    resolve_blocks,
-    stream_at,
-)
+from pipeline.steering.propagate import GateRule, Propagated, propagate, stream_at
 from pipeline.steering.strategies import Directions, SteerBatch, SteeringSets
 from pipeline.steering.sweep import Tally, Variant, decision_inputs
 
