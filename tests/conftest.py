@@ -169,16 +169,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with params.yaml (TINY_PARAMS) and every stage's outputs, each stage run
     in-process in order, once per session. Tests only read it; one that changes a file works
     on a copy (tests/test_reliability.py, tests/test_explorer.py)."""
+    return run_every_stage(tmp_path_factory.mktemp("tiny-run"), TINY_PARAMS)
+
+
+def run_every_stage(root: Path, raw: dict[str, Any]) -> Path:
+    """Write `raw` as root/params.yaml and run every stage in-process inside `root`."""
     import yaml
 
     from pipeline.cli import call_stages
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     old = Path.cwd()
     os.chdir(root)
     try:
-        call_stages(parse_params(TINY_PARAMS, "params"))
+        call_stages(parse_params(raw, "params"))
     finally:
         os.chdir(old)
     return root

@@ -6,7 +6,6 @@ reference, and the final block alone against the final-block sweep) are tests/te
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import call_stage, call_stages
+from pipeline.cli import call_stage
 from pipeline.data.dataset import load_images
 from pipeline.data.embeddings import read_embeddings
 from pipeline.errors import PipelineError
@@ -37,7 +36,7 @@ from pipeline.steering.multiblock import BlockSteering, block_directions, run_bl
 from pipeline.steering.results import read_block_rows, read_details, read_results
 from pipeline.steering.sweep import latent_sets, result_rows, variants_for
 
-from conftest import TINY_PARAMS, _merge
+from conftest import TINY_PARAMS, _merge, run_every_stage
 
 BLOCKS_PARAMS = _merge(TINY_PARAMS, {
     "model": {"depth": 3},  # gated blocks 1 and 2 (the final one)
@@ -49,15 +48,7 @@ BLOCKS_PARAMS = _merge(TINY_PARAMS, {
 
 @pytest.fixture(scope="module")
 def blocks_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("blocks-run")
-    (root / "params.yaml").write_text(yaml.safe_dump(BLOCKS_PARAMS, sort_keys=False))
-    old = Path.cwd()
-    os.chdir(root)
-    try:
-        call_stages(parse_params(BLOCKS_PARAMS, "params"))
-    finally:
-        os.chdir(old)
-    return root
+    return run_every_stage(tmp_path_factory.mktemp("blocks-run"), BLOCKS_PARAMS)
 
 
 @pytest.fixture
