@@ -184,8 +184,7 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
         "latency_ms": {f"batch{b}": {k: 1000 * v for k, v in t.items()} for b, t in timings.items()},
         "latency_note": (f"median of {latency_rounds} calls on {torch.get_num_threads()} CPU threads; gated = the masked path "
                          "(every head computed), gated_skipping = the head-skipping path (only each image's kept heads)"),
-        "heads_chosen_on": "train" if steered is None else
-        f"train (blocks {', '.join(map(str, sorted(by_block)))}: steering headline, {steered['selected_on']})",
+        "heads_chosen_on": _chosen_on(steered, sorted(by_block) if steered else [], model.depth - model.keep_layers),
         "reported_on": "test",
     }
     if steered is not None:
@@ -195,6 +194,16 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     return result
 
 
+def _chosen_on(steered: dict[str, Any] | None, headline_blocks: list[int], n_gated: int) -> str:
+    """Where the kept heads were chosen: the training majority, the headline's split, or both
+    (a final-block headline leaves the earlier gated blocks to the training majority)."""
+    if steered is None:
+        return "train"
+    if len(headline_blocks) == n_gated:
+        return f"{steered['selected_on']} (every gated block: steering headline)"
+    return f"train (blocks {', '.join(map(str, headline_blocks))}: steering headline, {steered['selected_on']})"
+
+
 def describe(result: dict[str, Any]) -> str:
     acc, fl, lat = result["accuracy"], result["gflops"], result["latency_ms"]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
@@ -202,8 +211,9 @@ def describe(result: dict[str, Any]) -> str:
     chosen = "majority of their training images"
     if steered:
         alphas = ", ".join(f"{c} {a:+g}" for c, a in steered["alphas"].items())
-        where = "final block" if not steered.get("steered_blocks") else "every gated block (a multi-block sweep)"
-        chosen += f"; {where}: the steering headline's, at alphas {alphas}, majority on {steered['selected_on']}"
+        headline = f"the steering headline's, at alphas {alphas}, majority on {steered['selected_on']}"
+        # a multi-block sweep gives every gated block's heads; a final-block one the final block's only
+        chosen = f"every gated block: {headline}" if steered.get("steered_blocks") else f"{chosen}; final block: {headline}"
     lines = [
         f"classes {', '.join(result['classes'])}: {result['heads_kept']} of {result['heads_gated']} gated heads kept "
         f"({chosen}); " + "; ".join(f"{b}: {k}" for b, k in result["kept_heads"].items()),

@@ -141,3 +141,28 @@ def test_headline_heads_of_a_multi_block_sweep_come_from_every_gated_blocks_rows
     assert heads == {1: [0, 1], 2: [2]}  # block 2, h1: (0 + 12) / 40 = 0.3, not kept
     assert info["keep_rates_on_selection_split"]["block2"] == pytest.approx([0.0, 0.3, 1.0])
     assert info["steered_blocks"] == [1, 2] and info["head_usage_on_test"] == {"block1": 1.0, "block2": 1.0}
+
+
+def test_the_export_names_where_its_heads_were_chosen():
+    """A multi-block headline chooses every gated block's heads on the selection split (no
+    training majority left); a final-block one leaves the earlier blocks to the training majority."""
+    from pipeline.export_pruned import _chosen_on, describe
+
+    multi = {"selected_on": "val", "steered_blocks": [1, 2], "alphas": {"a": 4.0}, "head_usage_on_test": {"block1": 0.5},
+             "steered_gated_on_test": {"accuracy_chosen_classes": 0.9}}
+    final = {**multi, "steered_blocks": None}
+    assert _chosen_on(None, [], 2) == "train"
+    assert _chosen_on(multi, [1, 2], 2) == "val (every gated block: steering headline)"
+    assert _chosen_on(final, [2], 2) == "train (blocks 2: steering headline, val)"
+
+    timing = {"gated": 1.0, "gated_skipping": 1.0, "compact": 1.0}
+    acc = {"chosen_classes": 1.0, "all": 1.0}
+    result = {"accuracy": {"gated": acc, "gated_skipping": acc, "compact": acc},
+              "gflops": {"dense": 1.0, "gated_if_heads_were_skipped": 1.0, "compact": 1.0},
+              "latency_ms": {"batch1": timing, "batch32": timing}, "classes": ["a"], "heads_kept": 2, "heads_gated": 6,
+              "kept_heads": {"block1": [0], "block2": [1]}, "chosen_images_whose_gates_match_the_kept_heads": 0.5}
+    assert "every gated block: the steering headline's" in describe({**result, "steering_headline": multi})
+    assert "training images" not in describe({**result, "steering_headline": multi}).splitlines()[0]
+    first = describe({**result, "steering_headline": final}).splitlines()[0]
+    assert "majority of their training images; final block: the steering headline's" in first
+    assert "steering" not in describe(result).splitlines()[0]
