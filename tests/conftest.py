@@ -130,7 +130,9 @@ TINY_PARAMS: dict[str, Any] = {
         "num_heads": 3,
         "keep_layers": 1,
     },
-    "finetune": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0.0, "device": "cpu"},
+    # a strong usage loss for a few epochs, so that the gates are mixed and steering moves them
+    # (one epoch at the defaults keeps every head for every variant: a steering test could not fail)
+    "finetune": {"epochs": 6, "batch_size": 16, "warmup_epochs": 0.0, "lr": 0.01, "head_weight": 10.0, "device": "cpu"},
     "extract": {"batch_size": 32, "device": "cpu"},
     "sae": {"expansion": 2, "k": 4, "epochs": 2, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
     "stats": {"top_k": 4, "related": 2},

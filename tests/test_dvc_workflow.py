@@ -284,7 +284,9 @@ def test_dvc_exp_show_after_a_one_parameter_sweep_is_legible_at_120_columns(proj
     lines = out.splitlines()
     header = next(line for line in lines if "Experiment" in line)
     assert "…" not in header, out
-    for column in ("sae.k", "fvu", "l0", "dead_fraction", "overlap", "jaccard"):
+    # the param and the SAE metrics it must move (L0 is k); which statistics also differ
+    # depends on the run, and --only-changed shows those that do, untruncated (checked above)
+    for column in ("sae.k", "fvu", "l0"):
         assert f" {column} " in f" {header} ", (column, out)
     assert max(len(line) for line in lines) <= 120
     assert any("k8" in line for line in lines)

@@ -100,6 +100,16 @@ def test_the_sweep_is_the_one_the_written_saes_and_sets_give(in_blocks_run):
     for row in result_rows(sweep.combined, config.class_names):
         assert combined[key(row)]["head_usage"] == pytest.approx(row["head_usage"])
 
+    # The comparison can tell SAEs apart: steering moves both blocks' gates, and block 1 steered
+    # through the final block's SAE gives other rows.
+    for block in (1, 2):
+        assert len({round(r["head_usage"], 6) for r in stored.values() if r["block"] == block and r["n"]}) > 1
+    swapped = {1: BlockSteering(steered[2].sae, steered[1].sets), 2: steered[2]}
+    other = run_blocks_sweep(model, swapped, images.images, images.labels, config, variants, params.mode, params.keep_error,
+                             params.batch_size, torch.device("cpu"))
+    assert any(stored[(1, *key(row))]["head_usage"] != pytest.approx(row["head_usage"])
+               for row in result_rows(other.tallies[1], config.class_names))
+
 
 def test_the_headline_usage_is_the_mean_over_the_gated_blocks(in_blocks_run):
     details = read_details(steer.DETAILS)
@@ -116,9 +126,26 @@ def test_the_headline_usage_is_the_mean_over_the_gated_blocks(in_blocks_run):
     assert len([k for k in rows[0] if k.startswith("keep_h")]) == 2 * 3  # two gated blocks of 3 heads
 
 
+def test_the_headline_metric_of_compute_is_the_gflops_the_gated_blocks_usage_saves(in_blocks_run):
+    """metrics/steer.json's gflops_drop: the mean usage change over the gated blocks times every
+    gated head's attention FLOPs, over the unsteered model's GFLOPs (beside the ceiling's
+    blocks_gflops_drop in `dvc exp show`)."""
+    from pipeline.model.flops import flop_model
+
+    details = read_details(steer.DETAILS)
+    model, _ = load_gated_vit(finetune.MODEL)
+    fm = flop_model(model)
+    head = details.per_class_headline
+    saved = -sum(fm.per_head[b] * model.num_heads for b in details.settings.gated_blocks) * head.mean_usage_change / 1e9
+    metrics = yaml.safe_load((in_blocks_run / steer.METRICS).read_text())
+    assert head.mean_usage_change != 0
+    assert metrics["gflops_drop"] == pytest.approx(saved / details.flops.gflops_unsteered, rel=1e-4)
+
+
 def test_the_default_run_writes_no_block_rows(tiny_run):
     assert not (tiny_run / steer.BLOCKS).exists()
     assert "blocks" not in yaml.safe_load((tiny_run / steer.DETAILS).read_text())["settings"]
+    assert sorted(yaml.safe_load((tiny_run / steer.METRICS).read_text())) == ["acc_change", "fewer_heads", "usage_drop"]
 
 
 def test_steering_a_block_without_an_sae_names_extract_layers(blocks_run, tmp_path, monkeypatch):

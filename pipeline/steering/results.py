@@ -282,11 +282,17 @@ class SteerDetails:
 
     def metrics(self) -> dict[str, float | int]:
         """metrics/steer.json: the headline's three scalars (short names keep `dvc exp show`
-        legible at 120 columns; docs/EXPERIMENTS.md explains them); empty without a headline."""
+        legible at 120 columns; docs/EXPERIMENTS.md explains them); empty without a headline.
+        A multi-block sweep adds `gflops_drop`, the share of the unsteered model's GFLOPs the
+        headline saves, to set beside the ceiling's `blocks_gflops_drop` (a final-block run keeps
+        its three, so its file is unchanged)."""
         h = self.per_class_headline
         if h is None:
             return {}
-        return {"usage_drop": 0.0 - h.mean_usage_change, "acc_change": h.mean_accuracy_change, "fewer_heads": h.classes_with_reduction}
+        out = {"usage_drop": 0.0 - h.mean_usage_change, "acc_change": h.mean_accuracy_change, "fewer_heads": h.classes_with_reduction}
+        if self.settings.blocks is not None:
+            out["gflops_drop"] = 0.0 - h.mean_gflops_change / self.flops.gflops_unsteered
+        return out
 
 
 # ------------------------------------------------------------------- the data of `dvc plots`
