@@ -3,15 +3,15 @@
 from pathlib import Path
 
 from pipeline.layout import (
-         ceiling,
-         download,
-         extract,
-         finetune,
-         latent_stats,
-         latent_stats_block,
-         steer,
-         train_sae,
-         train_sae_block,
+    ceiling,
+    download,
+    extract,
+    finetune,
+    latent_stats,
+    latent_stats_block,
+    steer,
+    train_sae,
+    train_sae_block,
 )
 
 DETAILS = Path("metrics/details/latency.json")
