@@ -292,7 +292,7 @@ def test_dvc_exp_show_after_a_one_parameter_sweep_is_legible_at_120_columns(proj
     assert any("k8" in line for line in lines)
     # the plain command also shows each changed data dependency's hash: what --drop removes
     plain = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo,
-                           env={**env, "COLUMNS": "400"}, capture_output=True, text=True, check=True).stdout
+                           env={**env, "COLUMNS": "2000"}, capture_output=True, text=True, check=True).stdout
     assert "models/sae" in plain
     sh(repo, "dvc", "exp", "remove", "k8")
 
