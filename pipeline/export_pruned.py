@@ -184,7 +184,7 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
         "latency_ms": {f"batch{b}": {k: 1000 * v for k, v in t.items()} for b, t in timings.items()},
         "latency_note": (f"median of {latency_rounds} calls on {torch.get_num_threads()} CPU threads; gated = the masked path "
                          "(every head computed), gated_skipping = the head-skipping path (only each image's kept heads)"),
-        "heads_chosen_on": _chosen_on(steered, sorted(by_block) if steered else [], model.depth - model.keep_layers),
+        "heads_chosen_on": _chosen_on(steered, sorted(by_block) if steered else []),
         "reported_on": "test",
     }
     if steered is not None:
@@ -194,12 +194,13 @@ def export(classes: list[str], out: Path, batch_size: int = 256, latency_rounds:
     return result
 
 
-def _chosen_on(steered: dict[str, Any] | None, headline_blocks: list[int], n_gated: int) -> str:
+def _chosen_on(steered: dict[str, Any] | None, headline_blocks: list[int]) -> str:
     """Where the kept heads were chosen: the training majority, the headline's split, or both
-    (a final-block headline leaves the earlier gated blocks to the training majority)."""
+    (a final-block headline leaves the earlier gated blocks to the training majority; a
+    multi-block one, `steered_blocks`, gives every gated block's)."""
     if steered is None:
         return "train"
-    if len(headline_blocks) == n_gated:
+    if steered.get("steered_blocks"):
         return f"{steered['selected_on']} (every gated block: steering headline)"
     return f"train (blocks {', '.join(map(str, headline_blocks))}: steering headline, {steered['selected_on']})"
 

@@ -151,9 +151,9 @@ def test_the_export_names_where_its_heads_were_chosen():
     multi = {"selected_on": "val", "steered_blocks": [1, 2], "alphas": {"a": 4.0}, "head_usage_on_test": {"block1": 0.5},
              "steered_gated_on_test": {"accuracy_chosen_classes": 0.9}}
     final = {**multi, "steered_blocks": None}
-    assert _chosen_on(None, [], 2) == "train"
-    assert _chosen_on(multi, [1, 2], 2) == "val (every gated block: steering headline)"
-    assert _chosen_on(final, [2], 2) == "train (blocks 2: steering headline, val)"
+    assert _chosen_on(None, []) == "train"
+    assert _chosen_on(multi, [1, 2]) == "val (every gated block: steering headline)"
+    assert _chosen_on(final, [2]) == "train (blocks 2: steering headline, val)"
 
     timing = {"gated": 1.0, "gated_skipping": 1.0, "compact": 1.0}
     acc = {"chosen_classes": 1.0, "all": 1.0}
