@@ -221,8 +221,8 @@ ExportDirOption = typer.Option(None, "--out", help="Output folder (default explo
 def export_pruned(
     classes: str = typer.Option(..., "--classes", help="Comma-separated class names, e.g. bowl,plate."),
     heads: str = typer.Option("majority", "--heads", help="majority: per block the heads most of these classes' training "
-                              "images keep; headline: the heads the steering headline keeps (the final block's, or every "
-                              "gated block's after a multi-block sweep)."),
+                              "images keep; headline: the heads the steering headline keeps (in the final block, the others "
+                              "by majority; in every gated block after a multi-block sweep)."),
     out: Path | None = ExportDirOption,
     debug: bool = DebugOption,
 ) -> None:
